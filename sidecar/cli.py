@@ -1,0 +1,104 @@
+"""`auth-sidecar` command line: run, check-config, config-schema, generate-key."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__
+from sidecar.config import Config, load_config
+from sidecar.errors import ConfigError
+
+__all__ = ["main"]
+
+_CONFIG_ENV = "AUTH_SIDECAR_CONFIG"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"auth-sidecar: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="auth-sidecar", description="OpenID Connect auth sidecar and reverse proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"auth-sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the sidecar")
+    _config_option(run)
+    run.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
+    run.set_defaults(func=_run)
+
+    check = commands.add_parser("check-config", help="validate a config file; connects nowhere")
+    _config_option(check)
+    check.set_defaults(func=_check_config)
+
+    schema = commands.add_parser("config-schema", help="print the config's JSON Schema")
+    schema.set_defaults(func=_config_schema)
+
+    key = commands.add_parser("generate-key", help="print a new session encryption key")
+    key.set_defaults(func=_generate_key)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(_CONFIG_ENV),
+        help=f"YAML config file (default: ${_CONFIG_ENV})",
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if not args.config:
+        raise ConfigError([f"no config file: pass --config FILE or set {_CONFIG_ENV}"])
+    config = load_config(args.config)
+    workers = getattr(args, "workers", None)
+    if workers is not None:
+        server = config.server.model_copy(update={"workers": workers})
+        config = Config.model_validate(
+            {**config.model_dump(), "server": server.model_dump()}, strict=False
+        )
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar.logging import configure_logging
+    from sidecar.server import run
+
+    config = _load(args)
+    configure_logging(config.logging.level)
+    run(config)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    _load(args)
+    print(f"{args.config}: configuration is valid")
+    return 0
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(Config.model_json_schema(mode="validation"), indent=2))
+    return 0
+
+
+def _generate_key(args: argparse.Namespace) -> int:
+    print(base64.b64encode(secrets.token_bytes(32)).decode())
+    return 0

@@ -1,0 +1,35 @@
+"""Configuration: YAML with `${ENV}` / `${file:}` references, validated into frozen models."""
+
+from sidecar.config.load import load_config, parse_config
+from sidecar.config.models import (
+    AccessConfig,
+    Config,
+    InjectConfig,
+    LoggingConfig,
+    ManagementConfig,
+    OIDCConfig,
+    RedisConfig,
+    RefreshConfig,
+    ServerConfig,
+    SessionConfig,
+    UpstreamConfig,
+)
+from sidecar.config.types import Address, parse_duration
+
+__all__ = [
+    "AccessConfig",
+    "Address",
+    "Config",
+    "InjectConfig",
+    "LoggingConfig",
+    "ManagementConfig",
+    "OIDCConfig",
+    "RedisConfig",
+    "RefreshConfig",
+    "ServerConfig",
+    "SessionConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]

@@ -1,0 +1,256 @@
+"""Typed, frozen models of every configuration section (DESIGN §7).
+
+One model per YAML section; unknown keys are errors so that typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from sidecar.config.types import Duration, ListenAddress
+
+__all__ = [
+    "AccessConfig",
+    "Config",
+    "InjectConfig",
+    "LoggingConfig",
+    "ManagementConfig",
+    "OIDCConfig",
+    "RedisConfig",
+    "RefreshConfig",
+    "ServerConfig",
+    "SessionConfig",
+    "UpstreamConfig",
+]
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _http_url(value: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an absolute http:// or https:// URL, got {value!r}")
+    if url.query_string or url.fragment:
+        raise ValueError("must not contain a query or fragment")
+    return value.rstrip("/")
+
+
+def _path_prefix(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in "?#\\") or "//" in value:
+        raise ValueError(f"expected a path starting with / (no query, no //), got {value!r}")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+PathPrefix = Annotated[str, AfterValidator(_path_prefix)]
+
+
+class ServerConfig(_Section):
+    listen: ListenAddress = Field(default="0.0.0.0:4180", validate_default=True)
+    public_url: HttpUrl = Field(description="redirect_uri = public_url + /oauth2/callback")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="CIDRs whose X-Forwarded-* headers are believed"
+    )
+    workers: int = Field(1, ge=1, le=64)
+    shutdown_delay: Duration = Field(
+        0.0, description="after SIGTERM, keep serving while /readyz says not ready"
+    )
+    shutdown_grace: Duration = Field(
+        25.0, description="how long in-flight requests may take to finish on shutdown"
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR such as 10.0.0.0/8") from None
+        return value
+
+
+class ManagementConfig(_Section):
+    listen: ListenAddress = Field(default="0.0.0.0:9180", validate_default=True)
+    readiness_requires: list[Literal["redis", "idp"]] = Field(default_factory=list)
+
+
+class OIDCConfig(_Section):
+    issuer: HttpUrl
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
+        "client_secret_basic"  # noqa: S105 - a method name, not a secret
+    )
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile"])
+    extra_auth_params: dict[str, str] = Field(default_factory=dict)
+    post_logout_redirect_url: HttpUrl | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, value: list[str]) -> list[str]:
+        if "openid" not in value:
+            raise ValueError("must include 'openid'")
+        return value
+
+
+def _encryption_key(value: SecretStr) -> SecretStr:
+    try:
+        raw = base64.b64decode(value.get_secret_value(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("expected 32 bytes of base64 (make one with `auth-sidecar generate-key`)")
+    return value
+
+
+class SessionConfig(_Section):
+    store: Literal["redis", "memory"] = "redis"
+    cookie_name: str = "__Host-sidecar"
+    cookie_secure: bool = True
+    same_site: Literal["lax", "strict", "none"] = "lax"
+    lifetime: Duration = 86400.0
+    idle_timeout: Duration = 0.0
+    encryption_keys: list[Annotated[SecretStr, AfterValidator(_encryption_key)]] = Field(
+        min_length=1
+    )
+
+    @field_validator("cookie_name")
+    @classmethod
+    def _cookie_name(cls, value: str) -> str:
+        if not _HEADER_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid cookie name")
+        return value
+
+    @model_validator(mode="after")
+    def _host_prefix_needs_secure(self) -> Self:
+        if self.cookie_name.startswith("__Host-") and not self.cookie_secure:
+            raise ValueError(
+                "cookie_secure: a __Host- cookie must be Secure; "
+                "rename the cookie to use plain HTTP (local development only)"
+            )
+        return self
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("sidecar", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        scheme = URL(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {scheme!r}")
+        return value
+
+
+class RefreshConfig(_Section):
+    before_expiry: Duration = 60.0
+    idp_timeout: Duration = 10.0
+    lock_ttl: Duration = 30.0
+    wait_timeout: Duration = 15.0
+
+    @model_validator(mode="after")
+    def _relations(self) -> Self:
+        # DESIGN §5 step 3: the lock must outlive the IdP call, and a waiter must wait at
+        # least as long as the holder's call can take.
+        if self.idp_timeout <= 0:
+            raise ValueError("idp_timeout: must be greater than 0")
+        if self.lock_ttl <= self.idp_timeout:
+            raise ValueError(
+                "lock_ttl: must be greater than refresh.idp_timeout (3x is a good choice)"
+            )
+        if self.wait_timeout < self.idp_timeout:
+            raise ValueError("wait_timeout: must be at least refresh.idp_timeout")
+        return self
+
+
+class AccessConfig(_Section):
+    allowed_groups: list[str] = Field(default_factory=list)
+    allowed_emails: list[str] = Field(default_factory=list)
+    allowed_email_domains: list[str] = Field(default_factory=list)
+
+
+class UpstreamConfig(_Section):
+    path: PathPrefix = "/"
+    url: HttpUrl
+    timeout: Duration = Field(30.0, description="wait for response headers and between reads")
+    connect_timeout: Duration = 5.0
+    strip_prefix: bool = False
+    pass_host_header: bool = True
+    access: AccessConfig | None = None
+
+
+class InjectConfig(_Section):
+    authorization: Literal["access_token", "id_token", "none"] = "access_token"
+    headers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "X-Forwarded-User": "sub",
+            "X-Forwarded-Email": "email",
+            "X-Forwarded-Groups": "groups",
+        }
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Config(_Section):
+    server: ServerConfig
+    management: ManagementConfig = Field(default_factory=ManagementConfig)
+    oidc: OIDCConfig
+    session: SessionConfig
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    upstreams: list[UpstreamConfig] = Field(min_length=1)
+    inject: InjectConfig = Field(default_factory=InjectConfig)
+    public_paths: list[PathPrefix] = Field(default_factory=list)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Self:
+        paths = [u.path for u in self.upstreams]
+        duplicates = sorted({p for p in paths if paths.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"upstreams: path {duplicates[0]!r} is routed twice")
+        if self.session.store == "memory" and self.server.workers > 1:
+            raise ValueError(
+                "session.store: memory keeps sessions inside one process; "
+                "use redis with server.workers > 1"
+            )
+        if self.server.listen.port == self.management.listen.port and (
+            self.server.listen.host == self.management.listen.host
+        ):
+            raise ValueError("management.listen: must differ from server.listen")
+        return self

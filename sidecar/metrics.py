@@ -1,0 +1,44 @@
+"""Prometheus metrics, kept in a registry of their own (no module-level globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+# Proxy latency sits mostly between 1 ms and 1 s; the tail buckets catch slow upstreams.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Every collector the sidecar exports; one instance per process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "sidecar_http_requests",
+            "Requests answered, by route, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sidecar_http_request_duration_seconds",
+            "Time from request received to response finished, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "sidecar_http_requests_in_flight",
+            "Requests being handled now.",
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "sidecar_upstream_errors",
+            "Failures talking to an upstream, by upstream path prefix and kind.",
+            ["upstream", "kind"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

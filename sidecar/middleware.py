@@ -1,0 +1,68 @@
+"""The main listener's middlewares: request context and metrics, then DESIGN §6 error mapping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sidecar.appkeys import METRICS, ROUTE
+from sidecar.errors import SidecarError, UpstreamError
+from sidecar.logging import REQUEST_ID, request_id_for
+from sidecar.responses import error_response
+
+__all__ = ["map_errors", "observe"]
+
+log = logging.getLogger("sidecar")
+
+# Methods get their own metrics label; anything else counts as OTHER (bounded cardinality).
+_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id, and count it, time it and track it in flight."""
+    request[REQUEST_ID] = request_id_for(request)
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    status = 500
+    metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.in_flight.dec()
+        route = request.get(ROUTE, "none")
+        method = request.method if request.method in _METHODS else "OTHER"
+        metrics.requests.labels(route, method, str(status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def map_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn the sidecar's own errors into short answers; nothing else leaks a traceback."""
+    try:
+        return await handler(request)
+    except UpstreamError as exc:
+        return error_response(request, exc.status, exc.code, str(exc))
+    except web.HTTPException:
+        raise
+    except SidecarError:
+        log.exception("request failed")
+        return error_response(request, 500, "internal_error", "the sidecar failed")
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: echo the request id so clients can quote it."""
+    request_id = request.get(REQUEST_ID)
+    if request_id and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = request_id

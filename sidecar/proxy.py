@@ -1,0 +1,269 @@
+"""Streaming reverse proxy: HTTP bodies are never buffered, websockets are relayed frame by frame.
+
+Each upstream owns one pooled `ClientSession` configured to change nothing on the way:
+no automatic headers, no decompression, no cookie jar, no redirects followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Final
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.config import UpstreamConfig
+from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from sidecar.headers import WEBSOCKET_HANDSHAKE, ForwardedPolicy, response_headers, upstream_headers
+from sidecar.metrics import Metrics
+
+__all__ = ["Router", "Upstream"]
+
+log = logging.getLogger("sidecar.proxy")
+
+# Headers aiohttp's client would otherwise add by itself; the upstream must see the
+# client's request, not ours.
+_NO_AUTO_HEADERS: Final = ("User-Agent", "Accept-Encoding", "Accept", "Content-Type")
+_POOL_SIZE: Final = 1024  # connections per upstream; aiohttp's default of 100 starves a proxy
+_WS_CLOSE_TIMEOUT: Final = 10.0  # seconds to wait for the peer's close frame
+# Close codes that only describe a connection and may not be sent in a frame (RFC 6455 §7.4.1).
+_UNSENDABLE_CLOSE: Final = {1005: 1000, 1006: 1011, 1015: 1011}
+
+
+class Upstream:
+    """One configured upstream and its connection pool."""
+
+    def __init__(self, config: UpstreamConfig, policy: ForwardedPolicy, metrics: Metrics) -> None:
+        self.config = config
+        self.prefix = config.path
+        base = URL(config.url)
+        self._base = str(base.origin()) + base.raw_path.rstrip("/")
+        self._policy = policy
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout, sock_read=config.timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=_POOL_SIZE, enable_cleanup_closed=True),
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("upstream used before start() or after close()")
+        return self._session
+
+    def target(self, request: web.BaseRequest) -> URL:
+        """The upstream URL: raw path and query byte for byte, percent-encoding untouched."""
+        raw = request.raw_path
+        if self.config.strip_prefix and self.prefix != "/" and raw.startswith(self.prefix):
+            raw = raw[len(self.prefix.rstrip("/")) :]
+            if not raw.startswith("/"):
+                raw = "/" + raw
+        return URL(self._base + raw, encoded=True)
+
+    async def forward(
+        self,
+        request: web.Request,
+        extra: Iterable[tuple[str, str]] = (),
+        drop: frozenset[str] = frozenset(),
+    ) -> web.StreamResponse:
+        """Send `request` upstream and stream the answer back; `extra` headers are added."""
+        headers = upstream_headers(
+            request, self._policy, pass_host=self.config.pass_host_header, drop=drop
+        )
+        headers.extend(extra)
+        if _is_websocket(request):
+            return await self._forward_websocket(request, headers)
+        return await self._forward_http(request, headers)
+
+    async def _forward_http(
+        self, request: web.Request, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await self.session.request(
+                request.method,
+                self.target(request),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._error(exc, "request") from exc
+
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.extend(response_headers(upstream.headers))
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are out: the only honest signal left is to cut the connection,
+                # so the client cannot take a truncated body for a whole one.
+                self._error(exc, "response body")
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    async def _forward_websocket(
+        self, request: web.Request, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        for name in list(headers):
+            if name.lower() in WEBSOCKET_HANDSHAKE:
+                del headers[name]
+        protocols = [
+            p.strip()
+            for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in value.split(",")
+            if p.strip()
+        ]
+        try:
+            upstream = await self.session.ws_connect(
+                self.target(request),
+                headers=headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=_WS_CLOSE_TIMEOUT),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            self._metrics.upstream_errors.labels(self.prefix, "websocket_handshake").inc()
+            raise UpstreamUnavailable(f"upstream refused the websocket ({exc.status})") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._error(exc, "websocket") from exc
+
+        async with upstream:
+            client = web.WebSocketResponse(
+                protocols=[upstream.protocol] if upstream.protocol else (),
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                compress=False,
+            )
+            await client.prepare(request)
+            relays = [
+                asyncio.create_task(_relay(client, upstream)),
+                asyncio.create_task(_relay(upstream, client)),
+            ]
+            try:
+                await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+                # One side closed; give the other its closing handshake, then stop.
+                await asyncio.wait(relays, timeout=_WS_CLOSE_TIMEOUT)
+            finally:
+                for task in relays:
+                    task.cancel()
+                await asyncio.gather(*relays, return_exceptions=True)
+                if not client.closed:
+                    await client.close(code=1011)
+            return client
+
+    def _error(self, exc: BaseException, during: str) -> UpstreamError:
+        """Classify a client failure, count it, log it without any header or body."""
+        error: UpstreamError
+        if isinstance(exc, TimeoutError):
+            kind, error = "timeout", UpstreamTimeout(f"upstream timed out ({during})")
+        else:
+            kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "io"
+            error = UpstreamUnavailable(f"upstream unavailable ({during})")
+        self._metrics.upstream_errors.labels(self.prefix, kind).inc()
+        log.warning(
+            "upstream error",
+            extra={
+                "upstream": self.prefix,
+                "kind": kind,
+                "during": during,
+                "error": type(exc).__name__,
+            },
+        )
+        return error
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _relay(source: WebSocket, sink: WebSocket) -> None:
+    """Copy frames from `source` to `sink` until either side closes; close codes carry over."""
+    while True:
+        message = await source.receive()
+        kind = message.type
+        if kind is WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif kind is WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif kind is WSMsgType.PING:
+            await sink.ping(message.data)
+        elif kind is WSMsgType.PONG:
+            await sink.pong(message.data)
+        elif kind is WSMsgType.CLOSE:
+            code = _UNSENDABLE_CLOSE.get(message.data, message.data)
+            reason = (message.extra or "").encode()
+            await asyncio.gather(
+                sink.close(code=code, message=reason),
+                source.close(code=code, message=reason),
+                return_exceptions=True,
+            )
+            return
+        else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
+            if not sink.closed:
+                await sink.close(code=1011 if kind is WSMsgType.ERROR else 1001)
+            return
+
+
+class Router:
+    """Picks the upstream with the longest path prefix matching the request path."""
+
+    def __init__(self, upstreams: Iterable[Upstream]) -> None:
+        self._by_length = tuple(sorted(upstreams, key=lambda u: len(u.prefix), reverse=True))
+
+    @property
+    def upstreams(self) -> tuple[Upstream, ...]:
+        return self._by_length
+
+    def match(self, path: str) -> Upstream | None:
+        for upstream in self._by_length:
+            if path_matches(path, upstream.prefix):
+                return upstream
+        return None
+
+
+def path_matches(path: str, prefix: str) -> bool:
+    """`/api` matches `/api` and `/api/x` but not `/apix`; `/api/` matches what is below it."""
+    if prefix == "/" or path == prefix:
+        return True
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path.startswith(prefix) and path[len(prefix)] == "/"

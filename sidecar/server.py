@@ -1,0 +1,97 @@
+"""Runs the two listeners and owns the shutdown sequence.
+
+SIGTERM: `/readyz` turns 503 at once, the listener keeps serving for
+`server.shutdown_delay` (while Kubernetes removes the pod from its Service), then stops
+accepting and gives in-flight requests `server.shutdown_grace` to finish; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.app import build_apps
+from sidecar.config import Address, Config
+from sidecar.health import READINESS
+from sidecar.logging import AccessLogger
+
+__all__ = ["main_runner_options", "run", "serve"]
+
+log = logging.getLogger("sidecar")
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (by default: until SIGTERM or SIGINT)."""
+    main, management = build_apps(config)
+    stop = stop or _stop_on_signals()
+    main_runner = web.AppRunner(main, handle_signals=False, **main_runner_options(config))
+    management_runner = web.AppRunner(management, handle_signals=False, access_log=None)
+    await main_runner.setup()
+    await management_runner.setup()
+    try:
+        await _start(main_runner, config.server.listen)
+        await _start(management_runner, config.management.listen)
+        log.info(
+            "listening",
+            extra={
+                "version": __version__,
+                "listen": str(config.server.listen),
+                "management": str(config.management.listen),
+            },
+        )
+        await stop.wait()
+        main[READINESS].draining = True
+        log.info("draining", extra={"delay_s": config.server.shutdown_delay})
+        await asyncio.sleep(config.server.shutdown_delay)
+    finally:
+        await main_runner.cleanup()
+        await management_runner.cleanup()
+    log.info("stopped")
+
+
+def main_runner_options(config: Config) -> dict[str, Any]:
+    """How the main listener handles connections; tests start their servers with these too."""
+    access = logging.getLogger("sidecar.access")
+    return {
+        "access_log_class": AccessLogger,
+        "access_log": access if config.logging.access_log else None,
+        "handler_cancellation": True,  # a client that goes away cancels its upstream request
+        "auto_decompress": False,  # bodies pass through as the client compressed them
+        "shutdown_timeout": config.server.shutdown_grace,
+    }
+
+
+async def _start(runner: web.AppRunner, address: Address) -> None:
+    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    await site.start()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run(config: Config) -> None:
+    """Run the sidecar in this process on uvloop when it is installed."""
+    _run_loop(serve(config))
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)

@@ -1,0 +1,185 @@
+"""Shared fixtures: configs built from dicts, the sidecar in-process or as a real process."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.app import build_apps
+from sidecar.config import Config
+from sidecar.server import main_runner_options
+
+TEST_KEY = base64.b64encode(b"k" * 32).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config_dict(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> dict[str, Any]:
+    """A minimal valid configuration as a dict; keyword arguments replace whole sections."""
+    port = free_port()
+    data: dict[str, Any] = {
+        "server": {"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}"},
+        "management": {"listen": f"127.0.0.1:{free_port()}"},
+        "oidc": {"issuer": "https://idp.example.com", "client_id": "app"},
+        "session": {"encryption_keys": [TEST_KEY]},
+        "upstreams": [{"path": "/", "url": upstream_url}],
+        "logging": {"level": "info"},
+    }
+    data.update(sections)
+    return data
+
+
+def make_config(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> Config:
+    return Config.model_validate(config_dict(upstream_url, **sections))
+
+
+SidecarFactory = Callable[[Config], "TestServerPair"]
+
+
+class TestServerPair:
+    """The sidecar's main and management listeners, started in this event loop."""
+
+    __test__ = False
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        main, management = build_apps(config)
+        self.main = TestServer(main, host="127.0.0.1", **main_runner_options(config))
+        self.management = TestServer(management, host="127.0.0.1")
+
+    async def start(self) -> None:
+        await self.main.start_server()
+        await self.management.start_server()
+
+    async def close(self) -> None:
+        await self.main.close()
+        await self.management.close()
+
+    def url(self, path: str) -> str:
+        return str(self.main.make_url(path))
+
+    def management_url(self, path: str) -> str:
+        return str(self.management.make_url(path))
+
+
+@pytest.fixture
+async def start_sidecar() -> AsyncIterator[Callable[[Config], Any]]:
+    """`await start_sidecar(config)` runs the sidecar in-process; closed after the test."""
+    started: list[TestServerPair] = []
+
+    async def start(config: Config) -> TestServerPair:
+        pair = TestServerPair(config)
+        await pair.start()
+        started.append(pair)
+        return pair
+
+    yield start
+    for pair in reversed(started):
+        await pair.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client that changes nothing: no decompression, no cookie jar."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        yield session
+
+
+@pytest.fixture
+async def upstream_app() -> AsyncIterator[Callable[[web.Application], Any]]:
+    """`await upstream_app(app)` serves a real aiohttp upstream; returns its base URL."""
+    servers: list[TestServer] = []
+
+    async def serve(app: web.Application, **kwargs: Any) -> str:
+        server = TestServer(app, host="127.0.0.1", **kwargs)
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield serve
+    for server in servers:
+        await server.close()
+
+
+class SidecarProcess:
+    """`auth-sidecar run` as a real subprocess, for memory, signal and multi-process tests."""
+
+    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None):
+        self.config = config
+        self.path = tmp_path / "sidecar.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp_path / "sidecar.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(self.path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.base = "http://" + config["server"]["listen"]
+        self.management = "http://" + config["management"]["listen"]
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {self.proc.returncode}: {self.logs()}")
+            try:
+                with urllib.request.urlopen(self.management + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"sidecar not ready after {timeout}s: {self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+    """`sidecar_process(config_dict)` starts a real sidecar process and waits until ready."""
+    procs: list[SidecarProcess] = []
+
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> SidecarProcess:
+        proc = SidecarProcess(config, tmp_path, env)
+        procs.append(proc)
+        proc.wait_ready()
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
