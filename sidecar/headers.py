@@ -100,7 +100,8 @@ def upstream_headers(
             out.add(name, value)
 
     peer = request.remote or ""
-    prior = out.get("X-Forwarded-For") if trusted else None
+    # A trusted chain may arrive as several header lines; they form one list (RFC 9110 §5.3).
+    prior = ", ".join(out.getall("X-Forwarded-For", ())) if trusted else ""
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     if not (trusted and "X-Forwarded-Proto" in out):
         out["X-Forwarded-Proto"] = request.scheme
