@@ -2,19 +2,28 @@
 
     SidecarError
     ├── ConfigError            bad configuration: names the key; exit 1, no traceback
-    └── UpstreamError          the upstream could not be reached or answered too slowly
-        ├── UpstreamUnavailable   connection refused, reset, DNS failure   → 502
-        └── UpstreamTimeout       connect or read timeout                   → 504
+    ├── UpstreamError          the upstream could not be reached or answered too slowly
+    │   ├── UpstreamUnavailable   connection refused, reset, DNS failure   → 502
+    │   └── UpstreamTimeout       connect or read timeout                   → 504
+    ├── StoreUnavailable       Redis cannot be reached                      → 503
+    └── IdPError               the identity provider failed us
+        ├── IdPUnavailable        unreachable, timed out, 5xx, garbage       → 503
+        ├── TokenRequestError     the token endpoint said no (wire `error` code)
+        └── InvalidIDToken        signature, issuer, audience, nonce … wrong
 
-Later layers (session store, IdP) add their kinds here, so that one middleware maps
-every failure to the HTTP answer of DESIGN §6.
+One middleware maps every kind to the HTTP answer of DESIGN §6.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "IdPError",
+    "IdPUnavailable",
+    "InvalidIDToken",
     "SidecarError",
+    "StoreUnavailable",
+    "TokenRequestError",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -51,3 +60,40 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
 
     status = 504
     code = "upstream_timeout"
+
+
+class StoreUnavailable(SidecarError):
+    """The session store did not answer; no session can be read or written."""
+
+    status = 503
+    code = "store_unavailable"
+
+
+class IdPError(SidecarError):
+    """Something went wrong talking to the identity provider."""
+
+    status = 503
+    code = "idp_error"
+
+
+class IdPUnavailable(IdPError):
+    """The IdP could not be reached, timed out, or answered with something unusable."""
+
+    code = "idp_unavailable"
+
+
+class TokenRequestError(IdPError):
+    """The token endpoint refused the request; `error` is its RFC 6749 §5.2 code."""
+
+    code = "token_request_failed"
+
+    def __init__(self, error: str, description: str = "") -> None:
+        self.error = error
+        self.description = description
+        super().__init__(f"token endpoint answered {error}")
+
+
+class InvalidIDToken(IdPError):
+    """An ID token failed validation (OIDC Core §3.1.3.7); the message says which check."""
+
+    code = "invalid_id_token"

@@ -183,3 +183,26 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     yield start
     for proc in procs:
         proc.stop()
+
+
+REDIS_URL = os.environ.get("AUTH_SIDECAR_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix unique to the test on the real Redis; its keys are removed afterwards.
+
+    Redis is a hard requirement: a missing server fails the test instead of skipping it.
+    """
+    import secrets
+
+    import redis.asyncio as redis
+
+    prefix = f"test-{secrets.token_hex(6)}"
+    client = redis.Redis.from_url(REDIS_URL)
+    await client.ping()
+    yield prefix
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

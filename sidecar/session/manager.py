@@ -1,0 +1,167 @@
+"""Sessions as the rest of the sidecar sees them: ids in, decrypted records out.
+
+Joins the keyring (sealing), the store (bytes under hashes) and the clock. A cookie that
+is malformed, unknown, expired or fails to decrypt is simply "no session".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Final
+
+from sidecar.config import SessionConfig
+from sidecar.session.crypto import Keyring, SealError
+from sidecar.session.record import SessionRecord, new_session_id, session_hash
+from sidecar.session.store import SessionStore
+
+__all__ = ["LOGIN_TTL", "PendingLogin", "Session", "SessionManager", "subject_key"]
+
+log = logging.getLogger("sidecar.session")
+
+LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (DESIGN §4)
+_SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def subject_key(issuer: str, value: str) -> str:
+    """Index key part for an (issuer, sub) or (issuer, sid) pair; never the raw values."""
+    digest = hashlib.sha256(f"{issuer}\x00{value}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A loaded session: the id from the cookie, its hash, and the decrypted record."""
+
+    id: str
+    h: str
+    record: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    """What `/oauth2/start` remembers for `/oauth2/callback` (one use, 10 minutes)."""
+
+    code_verifier: str
+    nonce: str
+    return_to: str
+    binding_hash: str  # sha256 of the login cookie's secret: the browser that started it
+    created_at: float
+
+
+class SessionManager:
+    """Create, load, save and delete sessions; store pending logins."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        keyring: Keyring,
+        config: SessionConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self._keyring = keyring
+        self._config = config
+        self._clock = clock
+
+    async def load(self, session_id: str | None) -> Session | None:
+        """The session named by a cookie value, or None for anything unusable."""
+        if not session_id or not _SESSION_ID.fullmatch(session_id):
+            return None
+        h = session_hash(session_id)
+        found = await self.store.get(h)
+        if found is None:
+            return None
+        version, sealed = found
+        try:
+            plain, stale_key = self._keyring.open(session_id.encode(), h.encode(), sealed)
+            record = SessionRecord.from_bytes(plain)
+        except (SealError, ValueError, TypeError):
+            log.warning("session record does not open", extra={"session": h[:12]})
+            return None
+        if record.version != version or record.expires_at <= self._clock():
+            return None
+        session = Session(session_id, h, record)
+        if stale_key:
+            # Key rotation: reseal under the current key, same version, fenced.
+            await self.store.replace(
+                h, version, version, self._seal(session_id, h, record), self.ttl(record)
+            )
+        return session
+
+    async def create(self, record: SessionRecord) -> Session:
+        """Store `record` under a brand-new id (no fixation) and index it."""
+        session_id = new_session_id()
+        h = session_hash(session_id)
+        await self.store.create(
+            h, record.version, self._seal(session_id, h, record), self.ttl(record)
+        )
+        await self._index(h, record)
+        return Session(session_id, h, record)
+
+    async def save(self, session: Session, record: SessionRecord) -> bool:
+        """Fenced write of a new version; False if the session changed or vanished meanwhile."""
+        return await self.store.replace(
+            session.h,
+            session.record.version,
+            record.version,
+            self._seal(session.id, session.h, record),
+            self.ttl(record),
+        )
+
+    async def delete(self, session: Session) -> None:
+        """Remove the session and its index entries."""
+        await self.store.delete(session.h)
+        record = session.record
+        try:
+            await self.store.unindex(session.h, *self._index_keys(record))
+        except Exception:  # index keys are best-effort (DESIGN §4)
+            log.warning("session index cleanup failed", extra={"session": session.h[:12]})
+
+    def ttl(self, record: SessionRecord) -> float:
+        return max(0.001, record.expires_at - self._clock())
+
+    async def _index(self, h: str, record: SessionRecord) -> None:
+        try:
+            await self.store.index(h, *self._index_keys(record), record.expires_at)
+        except Exception:  # best-effort, never a condition for the session itself
+            log.warning("session index update failed", extra={"session": h[:12]})
+
+    @staticmethod
+    def _index_keys(record: SessionRecord) -> tuple[str, str | None]:
+        sid = record.idp_session_id
+        return (
+            subject_key(record.issuer, record.subject),
+            subject_key(record.issuer, sid) if sid else None,
+        )
+
+    def _seal(self, session_id: str, h: str, record: SessionRecord) -> bytes:
+        return self._keyring.seal(session_id.encode(), h.encode(), record.to_bytes())
+
+    async def put_login(self, state: str, login: PendingLogin) -> None:
+        key = session_hash(state)
+        plain = json.dumps(asdict(login)).encode()
+        await self.store.put_login(
+            key, self._keyring.seal(state.encode(), key.encode(), plain), LOGIN_TTL
+        )
+
+    async def take_login(self, state: str) -> PendingLogin | None:
+        """The pending login for `state`, consumed; None if unknown, used, expired or forged."""
+        key = session_hash(state)
+        sealed = await self.store.take_login(key)
+        if sealed is None:
+            return None
+        try:
+            plain, _ = self._keyring.open(state.encode(), key.encode(), sealed)
+            login = PendingLogin(**json.loads(plain))
+        except (SealError, ValueError, TypeError):
+            return None
+        if login.created_at + LOGIN_TTL <= self._clock():
+            return None
+        return login

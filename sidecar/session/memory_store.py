@@ -1,0 +1,85 @@
+"""The in-memory session store: one process only (the demo, single-replica setups)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+__all__ = ["MemorySessionStore"]
+
+log = logging.getLogger("sidecar.session")
+
+
+class MemorySessionStore:
+    """Same semantics as the Redis store, with expiry checked on read."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._records: dict[str, tuple[int, bytes, float]] = {}
+        self._logins: dict[str, tuple[bytes, float]] = {}
+        self._indexes: dict[str, dict[str, float]] = {}
+        log.warning(
+            "memory session store: sessions live in this process only and vanish on restart; "
+            "not for more than one replica or worker"
+        )
+
+    async def get(self, h: str) -> tuple[int, bytes] | None:
+        entry = self._records.get(h)
+        if entry is None:
+            return None
+        version, sealed, deadline = entry
+        if deadline <= self._clock():
+            del self._records[h]
+            return None
+        return version, sealed
+
+    async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
+        self._records[h] = (version, sealed, self._clock() + ttl)
+
+    async def replace(
+        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
+    ) -> bool:
+        current = await self.get(h)
+        if current is None or current[0] != expected_version:
+            return False
+        self._records[h] = (version, sealed, self._clock() + ttl)
+        return True
+
+    async def delete(self, h: str) -> bool:
+        return self._records.pop(h, None) is not None
+
+    async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
+        now = self._clock()
+        for key in _index_keys(user_key, sid_key):
+            members = self._indexes.setdefault(key, {})
+            members[h] = expires_at
+            for member in [m for m, until in members.items() if until <= now]:
+                del members[member]
+
+    async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
+        for key in _index_keys(user_key, sid_key):
+            self._indexes.get(key, {}).pop(h, None)
+
+    async def sessions_of_sid(self, sid_key: str) -> list[str]:
+        now = self._clock()
+        return [h for h, until in self._indexes.get(f"sid:{sid_key}", {}).items() if until > now]
+
+    async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
+        self._logins[key] = (sealed, self._clock() + ttl)
+
+    async def take_login(self, key: str) -> bytes | None:
+        entry = self._logins.pop(key, None)
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return entry[0]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _index_keys(user_key: str, sid_key: str | None) -> list[str]:
+    return [f"sub:{user_key}"] + ([f"sid:{sid_key}"] if sid_key else [])

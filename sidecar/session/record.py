@@ -1,0 +1,60 @@
+"""The session record kept (encrypted) in the store, and the ids that name it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Final, Self
+
+__all__ = ["RECORD_FORMAT", "SessionRecord", "new_session_id", "session_hash"]
+
+RECORD_FORMAT: Final = 1
+_ID_BYTES: Final = 32  # 256-bit session ids (DESIGN §4)
+
+
+def new_session_id() -> str:
+    """A fresh random session id, URL-safe base64 without padding (43 characters)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(_ID_BYTES)).rstrip(b"=").decode()
+
+
+def session_hash(session_id: str) -> str:
+    """`h`: what Redis sees instead of the id — base64url(sha256(id))."""
+    digest = hashlib.sha256(session_id.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One login's token set and identity. Times are Unix seconds."""
+
+    issuer: str
+    subject: str
+    idp_session_id: str | None
+    claims: dict[str, Any]
+    access_token: str
+    access_expires_at: float
+    refresh_token: str | None
+    refresh_expires_at: float | None
+    id_token: str | None
+    created_at: float
+    refreshed_at: float
+    expires_at: float  # absolute end: lifetime cap, refresh-token expiry
+    version: int = 1
+    next_attempt_at: float | None = None
+    fmt: int = field(default=RECORD_FORMAT)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        raw = json.loads(data)
+        if not isinstance(raw, dict) or raw.get("fmt") != RECORD_FORMAT:
+            raise ValueError("unknown session record format")
+        return cls(**raw)
+
+    def evolve(self, **changes: Any) -> SessionRecord:
+        return replace(self, **changes)

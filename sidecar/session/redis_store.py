@@ -1,0 +1,142 @@
+"""The Redis session store (DESIGN §4 key layout). Redis errors never leave this module."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from sidecar.errors import StoreUnavailable
+
+__all__ = ["RedisSessionStore"]
+
+# Fenced compare-and-set: write only if the record still exists at the version read, so a
+# deleted (logged-out) session is never resurrected and a stale writer never wins.
+_REPLACE: Final = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if (not v) or v ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+class RedisSessionStore:
+    """Sealed records as hashes `{v, d}` under `p:s:{h}`; indexes as sorted sets."""
+
+    def __init__(self, client: redis.Redis, prefix: str, *, owned: bool = True) -> None:
+        self._redis = client
+        self._p = prefix
+        self._owned = owned
+        self._replace = client.register_script(_REPLACE)
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str) -> RedisSessionStore:
+        client = redis.Redis.from_url(
+            url, decode_responses=False, socket_connect_timeout=2.0, socket_timeout=5.0
+        )
+        return cls(client, prefix)
+
+    def _key(self, h: str) -> str:
+        return f"{self._p}:s:{{{h}}}"
+
+    async def get(self, h: str) -> tuple[int, bytes] | None:
+        async with _translated():
+            version, sealed = await self._redis.hmget(self._key(h), ["v", "d"])
+        if version is None or sealed is None:
+            return None
+        return int(version), _as_bytes(sealed)
+
+    async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
+        async with _translated(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(h))
+            pipe.hset(self._key(h), mapping={"v": version, "d": sealed})
+            pipe.pexpire(self._key(h), _ms(ttl))
+            await pipe.execute()
+
+    async def replace(
+        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
+    ) -> bool:
+        async with _translated():
+            done = await self._replace(
+                keys=[self._key(h)], args=[expected_version, version, sealed, _ms(ttl)]
+            )
+        return bool(done)
+
+    async def delete(self, h: str) -> bool:
+        async with _translated():
+            return bool(await self._redis.delete(self._key(h)))
+
+    async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
+        now = time.time()
+        async with _translated(), self._redis.pipeline(transaction=False) as pipe:
+            for key in self._index_keys(user_key, sid_key):
+                pipe.zadd(key, {h: expires_at})
+                pipe.zremrangebyscore(key, "-inf", now)  # trim on add
+                pipe.expireat(key, int(expires_at) + 1, gt=True)
+                pipe.expireat(key, int(expires_at) + 1, nx=True)
+            await pipe.execute()
+
+    async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
+        async with _translated(), self._redis.pipeline(transaction=False) as pipe:
+            for key in self._index_keys(user_key, sid_key):
+                pipe.zrem(key, h)
+            await pipe.execute()
+
+    async def sessions_of_sid(self, sid_key: str) -> list[str]:
+        async with _translated():
+            members = await self._redis.zrangebyscore(
+                f"{self._p}:sid:{sid_key}", time.time(), "+inf"
+            )
+        return [_as_bytes(m).decode() for m in members]
+
+    def _index_keys(self, user_key: str, sid_key: str | None) -> list[str]:
+        keys = [f"{self._p}:sub:{user_key}"]
+        if sid_key:
+            keys.append(f"{self._p}:sid:{sid_key}")
+        return keys
+
+    async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
+        async with _translated():
+            await self._redis.set(f"{self._p}:login:{key}", sealed, px=_ms(ttl))
+
+    async def take_login(self, key: str) -> bytes | None:
+        async with _translated():
+            value = await self._redis.getdel(f"{self._p}:login:{key}")
+        return _as_bytes(value) if value is not None else None
+
+    async def ping(self) -> None:
+        async with _translated():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owned:
+            await self._redis.aclose()
+
+
+def _as_bytes(value: object) -> bytes:
+    # The client is built with decode_responses=False, so replies are bytes.
+    if not isinstance(value, bytes):
+        raise StoreUnavailable(f"redis: unexpected reply type {type(value).__name__}")
+    return value
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    """Redis failures become `StoreUnavailable` at this boundary (STYLE practice 5)."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc

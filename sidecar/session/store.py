@@ -1,0 +1,49 @@
+"""Where sealed session records live: the interface shared by the Redis and memory stores.
+
+Stores see only `h` (the hash of the session id) and sealed bytes, never a token or an id.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["SessionStore"]
+
+
+class SessionStore(Protocol):
+    """Storage of sealed session records, pending logins and the logout indexes (DESIGN §4)."""
+
+    async def get(self, h: str) -> tuple[int, bytes] | None:
+        """The record's version and sealed bytes, or None when absent or expired."""
+
+    async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
+        """Store a new record for `ttl` seconds."""
+
+    async def replace(
+        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
+    ) -> bool:
+        """Fenced write: only if the record still exists at `expected_version` (DESIGN §5.6)."""
+
+    async def delete(self, h: str) -> bool:
+        """Remove the record; True if it existed."""
+
+    async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
+        """Best-effort: list `h` under its user and IdP session for logout by `sub` or `sid`."""
+
+    async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
+        """Best-effort removal from the indexes."""
+
+    async def sessions_of_sid(self, sid_key: str) -> list[str]:
+        """Hashes of the sessions of one IdP session (back-channel logout)."""
+
+    async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
+        """Store a pending login under the hash of its `state`."""
+
+    async def take_login(self, key: str) -> bytes | None:
+        """Read and delete a pending login in one step (GETDEL): a state works once."""
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the store answers."""
+
+    async def close(self) -> None:
+        """Release connections; idempotent."""
