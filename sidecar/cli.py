@@ -68,14 +68,9 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> Config:
     if not args.config:
         raise ConfigError([f"no config file: pass --config FILE or set {_CONFIG_ENV}"])
-    config = load_config(args.config)
     workers = getattr(args, "workers", None)
-    if workers is not None:
-        server = config.server.model_copy(update={"workers": workers})
-        config = Config.model_validate(
-            {**config.model_dump(), "server": server.model_dump()}, strict=False
-        )
-    return config
+    overrides = {"server": {"workers": workers}} if workers is not None else None
+    return load_config(args.config, overrides=overrides)
 
 
 def _run(args: argparse.Namespace) -> int:

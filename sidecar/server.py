@@ -18,6 +18,7 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.app import build_apps
 from sidecar.config import Address, Config
+from sidecar.errors import ConfigError
 from sidecar.health import READINESS
 from sidecar.logging import AccessLogger
 
@@ -35,8 +36,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     await main_runner.setup()
     await management_runner.setup()
     try:
-        await _start(main_runner, config.server.listen)
-        await _start(management_runner, config.management.listen)
+        await _start(main_runner, config.server.listen, "server.listen")
+        await _start(management_runner, config.management.listen, "management.listen")
         log.info(
             "listening",
             extra={
@@ -67,9 +68,14 @@ def main_runner_options(config: Config) -> dict[str, Any]:
     }
 
 
-async def _start(runner: web.AppRunner, address: Address) -> None:
+async def _start(runner: web.AppRunner, address: Address, key: str) -> None:
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        # A port in use or a host that is not ours: the operator's to fix, not a crash.
+        reason = exc.strerror or str(exc)
+        raise ConfigError([f"{key}: cannot listen on {address}: {reason}"]) from None
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -82,6 +88,11 @@ def _stop_on_signals() -> asyncio.Event:
 
 def run(config: Config) -> None:
     """Run the sidecar in this process on uvloop when it is installed."""
+    if config.server.workers > 1:
+        log.warning(
+            "server.workers > 1 is not implemented yet: running a single process",
+            extra={"workers": config.server.workers},
+        )
     _run_loop(serve(config))
 
 

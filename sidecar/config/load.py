@@ -20,21 +20,39 @@ from sidecar.errors import ConfigError
 
 __all__ = ["load_config", "parse_config"]
 
-_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.DOTALL)
+# A model validator names the key it is about: `lock_ttl: ...` or `upstreams[1].path: ...`.
+_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*): (.*)$", re.DOTALL)
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the configuration file at `path`."""
+Overrides = Mapping[str, Mapping[str, Any]]
+"""Values that replace keys of the file, by section: `{"server": {"workers": 4}}`."""
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    overrides: Overrides | None = None,
+) -> Config:
+    """Load and validate the configuration file at `path`; `overrides` win over the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError([f"cannot read {path}: {reason}"]) from None
-    return parse_config(text, env=env, source=str(path))
+    return parse_config(text, env=env, source=str(path), overrides=overrides)
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "") -> Config:
-    """Validate YAML `text`; `env` defaults to the process environment."""
+def parse_config(
+    text: str,
+    env: Mapping[str, str] | None = None,
+    source: str = "",
+    overrides: Overrides | None = None,
+) -> Config:
+    """Validate YAML `text`; `env` defaults to the process environment.
+
+    `overrides` (command-line options) are merged in before validation, so they pass the
+    same checks as the file, cross-section rules included.
+    """
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -44,7 +62,8 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
             where = f"line {mark.line + 1}, column {mark.column + 1}: "
         problem = getattr(exc, "problem", None) or str(exc)
         hint = ""
-        if mark is not None and "${" in text.splitlines()[mark.line]:
+        lines = text.splitlines()
+        if mark is not None and mark.line < len(lines) and "${" in lines[mark.line]:
             # `[${KEY}]` is a YAML flow mapping inside a list: the reference needs quotes.
             hint = ' (inside [ ] or { }, quote references: ["${NAME}"])'
         raise ConfigError([f"{where}not valid YAML: {problem}{hint}"], source) from None
@@ -57,6 +76,13 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
     data = expand(data, os.environ if env is None else env, problems)
     if problems:
         raise ConfigError(problems, source)
+    for section, values in (overrides or {}).items():
+        current = data.get(section)
+        if current is None:
+            data[section] = dict(values)
+        elif isinstance(current, dict):
+            data[section] = {**current, **values}
+        # Otherwise the section itself is malformed, and validation says so.
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -78,14 +104,17 @@ def _describe(err: Any) -> str:
     if kind == "missing":
         return f"{key_path(loc)}: required key is missing"
     msg: str = err["msg"].removeprefix("Value error, ")
+    if msg.startswith("Input should be "):
+        rest = msg.removeprefix("Input should be ")
+        msg = ("expected a value " if rest.startswith(("greater", "less")) else "expected ") + rest
     if kind in ("model_type", "dict_type") and not isinstance(err.get("input"), dict):
         msg = f"expected a mapping, got {_shown(err.get('input'))}"
     elif kind == "list_type":
         msg = f"expected a list, got {_shown(err.get('input'))}"
-    elif kind == "literal_error":
+    elif kind == "literal_error" and not isinstance(err.get("input"), str):
         msg = f"{msg}, got {_shown(err.get('input'))}"
     match = _FIELD_PREFIX.match(msg)
-    if match and not match.group(1).count(".") and loc:
+    if match and not match.group(1).count(".") and "[" not in match.group(1) and loc:
         loc, msg = (*loc, match.group(1)), match.group(2)
     elif match and not loc:
         return msg

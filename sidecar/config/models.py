@@ -48,7 +48,9 @@ class _Section(BaseModel):
 def _http_url(value: str) -> str:
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"expected an absolute http:// or https:// URL, got {value!r}")
+        # Userinfo can hold a password: never echo it.
+        shown = str(url.with_user(None)) if url.user or url.password else value
+        raise ValueError(f"expected an absolute http:// or https:// URL, got {shown!r}")
     if url.query_string or url.fragment:
         raise ValueError("must not contain a query or fragment")
     return value.rstrip("/")
@@ -128,7 +130,7 @@ class SessionConfig(_Section):
     cookie_name: str = "__Host-sidecar"
     cookie_secure: bool = True
     same_site: Literal["lax", "strict", "none"] = "lax"
-    lifetime: Duration = 86400.0
+    lifetime: Duration = Field(86400.0, gt=0)
     idle_timeout: Duration = 0.0
     encryption_keys: list[Annotated[SecretStr, AfterValidator(_encryption_key)]] = Field(
         min_length=1
@@ -194,8 +196,9 @@ class AccessConfig(_Section):
 class UpstreamConfig(_Section):
     path: PathPrefix = "/"
     url: HttpUrl
-    timeout: Duration = Field(30.0, description="wait for response headers and between reads")
-    connect_timeout: Duration = 5.0
+    # 0 would switch aiohttp's timeouts off: a hung upstream would hold the request forever.
+    timeout: Duration = Field(30.0, gt=0, description="wait for response headers and between reads")
+    connect_timeout: Duration = Field(5.0, gt=0)
     strip_prefix: bool = False
     pass_host_header: bool = True
     access: AccessConfig | None = None
@@ -240,10 +243,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:
-        paths = [u.path for u in self.upstreams]
-        duplicates = sorted({p for p in paths if paths.count(p) > 1})
-        if duplicates:
-            raise ValueError(f"upstreams: path {duplicates[0]!r} is routed twice")
+        first: dict[str, int] = {}
+        for index, upstream in enumerate(self.upstreams):
+            if upstream.path in first:
+                raise ValueError(
+                    f"upstreams[{index}].path: {upstream.path!r} is already routed by "
+                    f"upstreams[{first[upstream.path]}]; each path prefix needs one upstream"
+                )
+            first[upstream.path] = index
         if self.session.store == "memory" and self.server.workers > 1:
             raise ValueError(
                 "session.store: memory keeps sessions inside one process; "

@@ -13,6 +13,7 @@ __all__ = ["Address", "Duration", "ListenAddress", "parse_address", "parse_durat
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
 
 
 def parse_duration(value: Any) -> float:
@@ -31,6 +32,11 @@ def parse_duration(value: Any) -> float:
             return 0.0
         if _DURATION.fullmatch(text):
             return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError(
+            f"expected a duration with a unit like 500ms, 30s, 5m or 24h, got {value!r} "
+            "(a bare number is ambiguous)"
+        )
     raise ValueError(f"expected a duration like 500ms, 30s, 5m or 24h, got {value!r}")
 
 
