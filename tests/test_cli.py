@@ -16,7 +16,8 @@ import yaml
 
 from sidecar import __version__, cli
 from sidecar.config import Config
-from tests.conftest import TEST_KEY, config_dict
+from tests.conftest import TEST_KEY, free_port
+from tests.test_config import config_dict
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "config.example.yaml"
@@ -278,6 +279,7 @@ def test_run_port_in_use_exits_1(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         data = config_dict()
+        data["server"]["listen"] = f"127.0.0.1:{free_port()}"
         data["management"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
         result = run_cli("run", "--config", str(write_config(tmp_path, data)))
     assert result.returncode == 1

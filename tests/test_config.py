@@ -11,10 +11,32 @@ import yaml
 
 from sidecar.config import Address, Config, load_config, parse_config, parse_duration
 from sidecar.errors import ConfigError
-from tests.conftest import TEST_KEY, config_dict
+from tests.conftest import TEST_KEY
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.yaml"
 EXAMPLE_ENV = {"OIDC_CLIENT_SECRET": "example-secret", "SESSION_KEY": TEST_KEY}
+
+
+def minimal() -> dict[str, Any]:
+    """A small valid configuration that states every value the tests below rely on."""
+    return {
+        "server": {"listen": "127.0.0.1:4180", "public_url": "https://app.example.com"},
+        "management": {"listen": "127.0.0.1:9180"},
+        "oidc": {"issuer": "https://idp.example.com", "client_id": "app"},
+        "session": {
+            "store": "redis",
+            "cookie_name": "__Host-sidecar",
+            "cookie_secure": True,
+            "encryption_keys": [TEST_KEY],
+        },
+        "upstreams": [{"path": "/", "url": "http://127.0.0.1:8080"}],
+        "logging": {"level": "info"},
+    }
+
+
+def config_dict(**sections: Any) -> dict[str, Any]:
+    """`minimal()` with whole sections replaced."""
+    return {**minimal(), **sections}
 
 
 def parse(data: dict[str, Any] | str, env: dict[str, str] | None = None) -> Config:
@@ -30,7 +52,7 @@ def problems(data: dict[str, Any] | str, env: dict[str, str] | None = None) -> l
 
 
 def with_values(**changes: Any) -> dict[str, Any]:
-    """`config_dict()` with dotted keys replaced: `with_values(**{"server.workers": 2})`."""
+    """`minimal()` with dotted keys replaced: `with_values(**{"server.workers": 2})`."""
     data = config_dict()
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")

@@ -9,8 +9,26 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.config import Config
 from sidecar.health import READINESS, Readiness
-from tests.conftest import free_port, make_config
+from tests.conftest import TEST_KEY, free_port
+from tests.conftest import make_config as _make_config
+
+
+def make_config(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> Config:
+    """The shared test config, with every path public (no login) and sessions in memory."""
+    sections.setdefault("public_paths", ["/"])
+    sections.setdefault(
+        "session",
+        {
+            "store": "memory",
+            "cookie_name": "sidecar",
+            "cookie_secure": False,
+            "encryption_keys": [TEST_KEY],
+        },
+    )
+    return _make_config(upstream_url, **sections)
+
 
 # --- Readiness -------------------------------------------------------------------------------
 
@@ -100,6 +118,16 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
+async def wait_ready(http: aiohttp.ClientSession, url: str) -> None:
+    """Let the sidecar's own start-up dependencies (such as the IdP metadata) come up."""
+    for _ in range(250):
+        async with http.get(url) as resp:
+            if resp.status == 200:
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{url} never became ready")
+
+
 async def test_healthz(start_sidecar: Any, http: aiohttp.ClientSession) -> None:
     """/healthz answers 200 on the management listener."""
     sidecar = await start_sidecar(make_config())
@@ -126,29 +154,25 @@ async def test_readyz_follows_dependencies(start_sidecar: Any, http: aiohttp.Cli
     sidecar = await start_sidecar(make_config())
     readiness = sidecar.main.app[READINESS]
     url = sidecar.management_url("/readyz")
-    assert (await get_json(http, url))[0] == 200
+    await wait_ready(http, url)
 
-    readiness.register("redis")
-    readiness.register("idp")
-    readiness.report("redis", up=True)
+    readiness.register("test-store")
+    readiness.register("test-idp")
+    readiness.report("test-store", up=True)
     status, body = await get_json(http, url)
     assert status == 503
-    assert body == {
-        "ready": False,
-        "draining": False,
-        "dependencies": {
-            "redis": {"up": True, "detail": "ok"},
-            "idp": {"up": False, "detail": "starting"},
-        },
-    }
+    assert body["ready"] is False
+    assert body["draining"] is False
+    assert body["dependencies"]["test-store"] == {"up": True, "detail": "ok"}
+    assert body["dependencies"]["test-idp"] == {"up": False, "detail": "starting"}
 
-    readiness.report("idp", up=True)
+    readiness.report("test-idp", up=True)
     assert (await get_json(http, url))[0] == 200
 
-    readiness.report("redis", up=False, detail="connection refused")
+    readiness.report("test-store", up=False, detail="connection refused")
     status, body = await get_json(http, url)
     assert status == 200
-    assert body["dependencies"]["redis"] == {"up": False, "detail": "connection refused"}
+    assert body["dependencies"]["test-store"] == {"up": False, "detail": "connection refused"}
 
 
 async def test_readyz_strict_dependency(start_sidecar: Any, http: aiohttp.ClientSession) -> None:
@@ -159,12 +183,14 @@ async def test_readyz_strict_dependency(start_sidecar: Any, http: aiohttp.Client
     sidecar = await start_sidecar(config)
     readiness = sidecar.main.app[READINESS]
     url = sidecar.management_url("/readyz")
+    await wait_ready(http, url)
+    # The sessions are in memory, so "redis" is ours to report; "test-idp" is not strict.
     readiness.register("redis")
-    readiness.register("idp")
+    readiness.register("test-idp")
     readiness.report("redis", up=True)
-    readiness.report("idp", up=True)
+    readiness.report("test-idp", up=True)
     assert (await get_json(http, url))[0] == 200
-    readiness.report("idp", up=False)
+    readiness.report("test-idp", up=False)
     assert (await get_json(http, url))[0] == 200
     readiness.report("redis", up=False)
     status, body = await get_json(http, url)
@@ -177,6 +203,7 @@ async def test_readyz_strict_dependency(start_sidecar: Any, http: aiohttp.Client
 async def test_readyz_draining(start_sidecar: Any, http: aiohttp.ClientSession) -> None:
     """/readyz answers 503 with draining: true once draining starts; /healthz stays 200."""
     sidecar = await start_sidecar(make_config())
+    await wait_ready(http, sidecar.management_url("/readyz"))
     sidecar.main.app[READINESS].draining = True
     status, body = await get_json(http, sidecar.management_url("/readyz"))
     assert status == 503
