@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Final
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -111,7 +111,7 @@ class Upstream:
             raise self._error(exc, "request") from exc
 
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response = _ProxiedResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(response_headers(upstream.headers))
             await response.prepare(request)
             try:
@@ -202,6 +202,21 @@ class Upstream:
             },
         )
         return error
+
+
+class _ProxiedResponse(web.StreamResponse):
+    """A response that sends the upstream's headers without inventing a Content-Type.
+
+    aiohttp gives a body without Content-Type `application/octet-stream`; a proxy must not:
+    the recipient may then examine the data to find its type (RFC 9110 §8.3), and a browser
+    would otherwise download a page it should have shown.
+    """
+
+    async def _prepare_headers(self) -> None:
+        had_type = hdrs.CONTENT_TYPE in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
