@@ -1,0 +1,18 @@
+"""OpenID Connect relying-party parts, shaped after the specs they implement."""
+
+from sidecar.oidc.client import OIDCClient, TokenResponse
+from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
+from sidecar.oidc.id_token import ALLOWED_ALGORITHMS, UnknownKeyId, validate_id_token
+from sidecar.oidc.pkce import challenge_s256, new_verifier
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "OIDCClient",
+    "ProviderMetadata",
+    "TokenResponse",
+    "UnknownKeyId",
+    "challenge_s256",
+    "new_verifier",
+    "parse_metadata",
+    "validate_id_token",
+]

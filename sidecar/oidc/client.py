@@ -1,0 +1,292 @@
+"""The one thin HTTP client of the IdP: discovery, keys, token, revocation, logout URL.
+
+`aiohttp.ClientError` never leaves this module: failures become `IdPUnavailable`
+(maybe reached the IdP, maybe not) or `TokenRequestError` (the IdP said no).
+Redirects are never followed: token requests carry credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from sidecar.config import OIDCConfig
+from sidecar.errors import IdPUnavailable, InvalidIDToken, TokenRequestError
+from sidecar.health import Readiness
+from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
+from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
+from sidecar.oidc.jwks import JWKSCache
+
+__all__ = ["OIDCClient", "TokenResponse"]
+
+log = logging.getLogger("sidecar.oidc")
+
+_MAX_RESPONSE_BYTES: Final = 1 << 20  # an IdP answer larger than 1 MiB is garbage
+_REVOKE_TIMEOUT: Final = 3.0  # logout never waits long on revocation (best effort)
+_RETRY_MIN, _RETRY_MAX = 1.0, 30.0  # discovery retry backoff while the IdP is down at boot
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """A successful token endpoint answer (RFC 6749 §5.1)."""
+
+    access_token: str
+    expires_in: float | None
+    refresh_token: str | None
+    refresh_expires_in: float | None
+    id_token: str | None
+    scope: str | None
+
+
+class OIDCClient:
+    """Talks to one OpenID provider; reports `idp` readiness once metadata and keys load."""
+
+    def __init__(
+        self,
+        config: OIDCConfig,
+        redirect_uri: str,
+        timeout: float,
+        readiness: Readiness,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.redirect_uri = redirect_uri
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._readiness = readiness
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._metadata: ProviderMetadata | None = None
+        self.jwks = JWKSCache(self._fetch_jwks)
+        readiness.register("idp")
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def metadata(self) -> ProviderMetadata:
+        if self._metadata is None:
+            raise IdPUnavailable("provider metadata not loaded yet")
+        return self._metadata
+
+    async def discover_forever(self) -> None:
+        """Load metadata and keys, retrying with backoff until both succeed (boot, DESIGN §6)."""
+        delay = _RETRY_MIN
+        while True:
+            try:
+                document = await self._get_json(
+                    self.config.issuer + "/.well-known/openid-configuration"
+                )
+                self._metadata = parse_metadata(document, self.config.issuer)
+                await self.jwks.load()
+            except Exception as exc:  # whatever went wrong, boot must keep retrying
+                self._readiness.report("idp", False, f"discovery failed: {type(exc).__name__}")
+                log.warning("IdP discovery failed; retrying", extra={"error": str(exc)[:200]})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            self._readiness.report("idp", True, "metadata and keys loaded")
+            log.info("IdP metadata loaded", extra={"issuer": self.config.issuer})
+            return
+
+    def authorization_url(self, *, state: str, nonce: str, code_challenge: str) -> str:
+        """The authorization request (OIDC Core §3.1.2.1) with PKCE S256."""
+        params = {
+            "response_type": "code",
+            "client_id": self.config.client_id,
+            "redirect_uri": self.redirect_uri,
+            "scope": " ".join(self.config.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+            **self.config.extra_auth_params,
+        }
+        return str(URL(self.metadata.authorization_endpoint).update_query(params))
+
+    async def exchange_code(self, code: str, code_verifier: str) -> TokenResponse:
+        """Authorization code grant (RFC 6749 §4.1.3, RFC 7636 §4.5)."""
+        return await self._token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.redirect_uri,
+                "code_verifier": code_verifier,
+            }
+        )
+
+    async def refresh(self, refresh_token: str) -> TokenResponse:
+        """Refresh grant (RFC 6749 §6). Sent once: with rotation it is not idempotent."""
+        return await self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        )
+
+    async def validate_id_token(
+        self,
+        token: str,
+        *,
+        nonce: str | None = None,
+        access_token: str | None = None,
+        expect_subject: str | None = None,
+    ) -> dict[str, Any]:
+        """Validate against the cached keys; on an unknown `kid`, refetch once and retry."""
+        for attempt in range(2):
+            keys = self.jwks.keys
+            if keys is None:
+                raise IdPUnavailable("IdP signing keys not loaded yet")
+            try:
+                return validate_id_token(
+                    token,
+                    keys,
+                    issuer=self.metadata.issuer,
+                    client_id=self.config.client_id,
+                    now=self._clock(),
+                    algorithms=self.metadata.id_token_signing_alg_values_supported,
+                    nonce=nonce,
+                    access_token=access_token,
+                    expect_subject=expect_subject,
+                )
+            except UnknownKeyId:
+                if attempt or not await self.jwks.refetch():
+                    raise
+        raise InvalidIDToken("unreachable")  # pragma: no cover
+
+    async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
+        """RFC 7009 revocation; best effort with a short timeout. True if the IdP said 200."""
+        endpoint = self._metadata.revocation_endpoint if self._metadata else None
+        if endpoint is None:
+            return False
+        data, auth = self._client_auth({"token": token, "token_type_hint": hint})
+        try:
+            async with self.session.post(
+                endpoint,
+                data=data,
+                auth=auth,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=_REVOKE_TIMEOUT),
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            log.warning("token revocation failed")
+            return False
+
+    def end_session_url(self, id_token_hint: str | None) -> str | None:
+        """RP-Initiated Logout 1.0 §2, or None if the IdP has no end_session_endpoint."""
+        endpoint = self._metadata.end_session_endpoint if self._metadata else None
+        if endpoint is None:
+            return None
+        params = {"client_id": self.config.client_id}
+        if id_token_hint:
+            params["id_token_hint"] = id_token_hint
+        if self.config.post_logout_redirect_url:
+            params["post_logout_redirect_uri"] = self.config.post_logout_redirect_url
+        return str(URL(endpoint).update_query(params))
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("OIDC client used before start() or after close()")
+        return self._session
+
+    def _client_auth(self, form: dict[str, str]) -> tuple[dict[str, str], aiohttp.BasicAuth | None]:
+        secret = self.config.client_secret
+        if secret is None:
+            return {**form, "client_id": self.config.client_id}, None
+        if self.config.token_endpoint_auth_method == "client_secret_post":  # noqa: S105
+            return {
+                **form,
+                "client_id": self.config.client_id,
+                "client_secret": secret.get_secret_value(),
+            }, None
+        # RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
+        return form, aiohttp.BasicAuth(
+            quote(self.config.client_id, safe=""), quote(secret.get_secret_value(), safe="")
+        )
+
+    async def _token_request(self, form: dict[str, str]) -> TokenResponse:
+        data, auth = self._client_auth(form)
+        try:
+            async with self.session.post(
+                self.metadata.token_endpoint,
+                data=data,
+                auth=auth,
+                headers={"Accept": "application/json"},
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.content.read(_MAX_RESPONSE_BYTES)
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise IdPUnavailable(f"token endpoint: {type(exc).__name__}") from exc
+        payload = _json_object(body)
+        if status == 200 and payload is not None:
+            return _token_response(payload)
+        if 400 <= status < 500 and payload is not None and isinstance(payload.get("error"), str):
+            raise TokenRequestError(payload["error"], str(payload.get("error_description", "")))
+        raise IdPUnavailable(f"token endpoint answered HTTP {status}")
+
+    async def _get_json(self, url: str) -> Any:
+        try:
+            async with self.session.get(url, allow_redirects=False) as resp:
+                body = await resp.content.read(_MAX_RESPONSE_BYTES)
+                if resp.status != 200:
+                    raise IdPUnavailable(f"{url} answered HTTP {resp.status}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise IdPUnavailable(f"{url}: {type(exc).__name__}") from exc
+        payload = _json_object(body)
+        if payload is None:
+            raise IdPUnavailable(f"{url} did not answer a JSON object")
+        return payload
+
+    async def _fetch_jwks(self) -> Any:
+        return await self._get_json(self.metadata.jwks_uri)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _token_response(payload: Mapping[str, Any]) -> TokenResponse:
+    access_token = payload.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise IdPUnavailable("token response without access_token")
+
+    def number(name: str) -> float | None:
+        value = payload.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return None
+
+    def text(name: str) -> str | None:
+        value = payload.get(name)
+        return value if isinstance(value, str) and value else None
+
+    return TokenResponse(
+        access_token=access_token,
+        expires_in=number("expires_in"),
+        refresh_token=text("refresh_token"),
+        refresh_expires_in=number("refresh_expires_in"),
+        id_token=text("id_token"),
+        scope=text("scope"),
+    )
