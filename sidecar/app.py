@@ -5,40 +5,82 @@ Every route of DESIGN §2 is registered here, so the table can be checked on one
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sidecar.appkeys import CONFIG, METRICS, READINESS, ROUTE, ROUTER
+from sidecar import login
+from sidecar.access import allowed
+from sidecar.appkeys import CONFIG, COOKIES, METRICS, OIDC, READINESS, ROUTE, ROUTER, SESSIONS
 from sidecar.config import Config
-from sidecar.headers import ForwardedPolicy
+from sidecar.errors import StoreUnavailable
+from sidecar.headers import ForwardedPolicy, identity_headers, injected_names
 from sidecar.health import Readiness, healthz, readyz
 from sidecar.logging import REQUEST_ID
 from sidecar.metrics import Metrics
 from sidecar.middleware import add_request_id, map_errors, observe
-from sidecar.proxy import Router, Upstream
+from sidecar.oidc import OIDCClient
+from sidecar.proxy import Router, Upstream, path_matches
 from sidecar.responses import error_response
+from sidecar.session import Keyring, MemorySessionStore, RedisSessionStore, SessionManager
+from sidecar.session.cookie import Cookies
+from sidecar.session.store import SessionStore
 
 __all__ = ["build_apps"]
 
-_REQUEST_ID_HEADER = frozenset({"x-request-id"})
+log = logging.getLogger("sidecar")
+
+_STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
 
 
-def build_apps(config: Config) -> tuple[web.Application, web.Application]:
-    """The main application (proxy and sidecar endpoints) and the management one."""
+def build_apps(
+    config: Config, store: SessionStore | None = None
+) -> tuple[web.Application, web.Application]:
+    """The main application (proxy and sidecar endpoints) and the management one.
+
+    `store` lets tests share one in-memory store between apps; normally it comes from config.
+    """
     metrics = Metrics()
     readiness = Readiness(config.management.readiness_requires)
     policy = ForwardedPolicy(config.server.trusted_proxies)
     router = Router(Upstream(u, policy, metrics) for u in config.upstreams)
+    if store is None:
+        store = (
+            MemorySessionStore()
+            if config.session.store == "memory"
+            else RedisSessionStore.from_url(config.redis.url, config.redis.key_prefix)
+        )
+    keyring = Keyring.from_base64([k.get_secret_value() for k in config.session.encryption_keys])
+    oidc = OIDCClient(
+        config.oidc,
+        redirect_uri=config.server.public_url + "/oauth2/callback",
+        timeout=config.refresh.idp_timeout,
+        readiness=readiness,
+    )
 
     main = web.Application(middlewares=[observe, map_errors])
     main[CONFIG] = config
     main[METRICS] = metrics
     main[READINESS] = readiness
     main[ROUTER] = router
+    main[OIDC] = oidc
+    main[SESSIONS] = SessionManager(store, keyring, config.session)
+    main[COOKIES] = Cookies(config.session)
     main.cleanup_ctx.append(_upstream_pools)
+    main.cleanup_ctx.append(_session_store)
+    main.cleanup_ctx.append(_identity_provider)
     main.on_response_prepare.append(add_request_id)
+    main.router.add_get("/oauth2/start", login.start)
+    main.router.add_get("/oauth2/callback", login.callback)
+    main.router.add_route("GET", "/oauth2/sign_out", login.sign_out)
+    main.router.add_route("POST", "/oauth2/sign_out", login.sign_out)
+    main.router.add_get("/oauth2/userinfo", login.userinfo)
     main.router.add_route("*", "/{tail:.*}", proxy)
 
     management = web.Application()
@@ -60,16 +102,66 @@ async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
 
 
+async def _session_store(app: web.Application) -> AsyncIterator[None]:
+    """Probe the store for /readyz in the background; close it last."""
+    store = app[SESSIONS].store
+    readiness = app[READINESS]
+    probe = None
+    if isinstance(store, RedisSessionStore):
+        readiness.register("redis")
+        probe = asyncio.create_task(_probe_store(store, readiness))
+    yield
+    if probe is not None:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+    await store.close()
+
+
+async def _probe_store(store: SessionStore, readiness: Readiness) -> None:
+    while True:
+        try:
+            await store.ping()
+            readiness.report("redis", True)
+        except StoreUnavailable as exc:
+            readiness.report("redis", False, str(exc))
+        await asyncio.sleep(_STORE_PROBE_INTERVAL)
+
+
+async def _identity_provider(app: web.Application) -> AsyncIterator[None]:
+    """Start the IdP client and load its metadata in the background (start-up never blocks)."""
+    oidc = app[OIDC]
+    await oidc.start()
+    discovery = asyncio.create_task(oidc.discover_forever())
+    yield
+    discovery.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await discovery
+    await oidc.close()
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """Everything that is not a sidecar endpoint goes to the upstream of its path."""
+    """Everything that is not a sidecar endpoint: session → access rules → headers → upstream."""
+    config = request.app[CONFIG]
     upstream = request.app[ROUTER].match(request.path)
     if upstream is None:
         request[ROUTE] = "unrouted"
         return error_response(request, 404, "no_upstream", "no upstream serves this path")
     request[ROUTE] = upstream.prefix
-    return await upstream.forward(
-        request, extra=[("X-Request-Id", request[REQUEST_ID])], drop=_REQUEST_ID_HEADER
-    )
+    extra = [("X-Request-Id", request[REQUEST_ID])]
+    cookies = request.app[COOKIES]
+    drop = injected_names(config.inject)
+    if any(path_matches(request.path, p) for p in config.public_paths):
+        return await upstream.forward(request, extra=extra, drop=drop, cookie_filter=cookies.strip)
+
+    session = await request.app[SESSIONS].load(cookies.session_id(request))
+    if session is None or session.record.access_expires_at <= time.time():
+        return login.unauthenticated(request)
+    record = session.record
+    if not allowed(record.claims, (config.access, upstream.config.access)):
+        return error_response(request, 403, "forbidden", "you are not allowed to see this")
+    extra.extend(identity_headers(record, config.inject))
+    return await upstream.forward(request, extra=extra, drop=drop, cookie_filter=cookies.strip)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

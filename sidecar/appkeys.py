@@ -9,12 +9,18 @@ from aiohttp import web
 from sidecar.config import Config
 from sidecar.health import READINESS
 from sidecar.metrics import Metrics
+from sidecar.oidc import OIDCClient
 from sidecar.proxy import Router
+from sidecar.session import SessionManager
+from sidecar.session.cookie import Cookies
 
-__all__ = ["CONFIG", "METRICS", "READINESS", "ROUTE", "ROUTER"]
+__all__ = ["CONFIG", "COOKIES", "METRICS", "OIDC", "READINESS", "ROUTE", "ROUTER", "SESSIONS"]
 
 CONFIG: Final = web.AppKey("config", Config)
 METRICS: Final = web.AppKey("metrics", Metrics)
 ROUTER: Final = web.AppKey("router", Router)
+OIDC: Final = web.AppKey("oidc", OIDCClient)
+SESSIONS: Final = web.AppKey("sessions", SessionManager)
+COOKIES: Final = web.AppKey("cookies", Cookies)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

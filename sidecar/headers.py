@@ -6,12 +6,23 @@ Header names are compared lower-cased against frozensets: no regexes on the hot 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["ForwardedPolicy", "response_headers", "upstream_headers"]
+from sidecar.access import claim_values
+from sidecar.config import InjectConfig
+from sidecar.session.record import SessionRecord
+
+__all__ = [
+    "ForwardedPolicy",
+    "identity_headers",
+    "injected_names",
+    "response_headers",
+    "upstream_headers",
+]
 
 # RFC 9110 §7.6.1 plus the non-standard ones proxies are expected to drop.
 HOP_BY_HOP = frozenset(
@@ -85,8 +96,13 @@ def upstream_headers(
     *,
     pass_host: bool,
     drop: frozenset[str] = frozenset(),
+    cookie_filter: Callable[[str], str] | None = None,
 ) -> CIMultiDict[str]:
-    """The client's headers as the upstream should see them, with `X-Forwarded-*` set."""
+    """The client's headers as the upstream should see them, with `X-Forwarded-*` set.
+
+    `drop` names are compared after `_` → `-`, so `X_Forwarded_User` cannot slip past a
+    server that treats the two alike; `cookie_filter` removes the sidecar's own cookies.
+    """
     incoming = request.headers
     skip = _NOT_FORWARDED | _connection_tokens(incoming) | drop
     trusted = policy.trusts(request.remote)
@@ -96,8 +112,14 @@ def upstream_headers(
         skip |= {"host"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in skip:
-            out.add(name, value)
+        lowered = name.lower()
+        if lowered in skip or (drop and lowered.replace("_", "-") in drop):
+            continue
+        if cookie_filter is not None and lowered == "cookie":
+            value = cookie_filter(value)
+            if not value:
+                continue
+        out.add(name, value)
 
     peer = request.remote or ""
     # A trusted chain may arrive as several header lines; they form one list (RFC 9110 §5.3).
@@ -114,3 +136,30 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop ones; `Set-Cookie` kept as is."""
     skip = HOP_BY_HOP | _connection_tokens(upstream)
     return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in skip)
+
+
+def injected_names(inject: InjectConfig) -> frozenset[str]:
+    """Every header the sidecar sets upstream, normalised: client copies of these are dropped."""
+    names = {n.lower().replace("_", "-") for n in inject.headers}
+    names.add("authorization")  # dropped even with `none`: a client must not choose the token
+    return frozenset(names)
+
+
+def identity_headers(record: SessionRecord, inject: InjectConfig) -> list[tuple[str, str]]:
+    """`Authorization: Bearer …` and the configured claim headers for one session."""
+    out: list[tuple[str, str]] = []
+    if inject.authorization == "access_token":
+        out.append(("Authorization", f"Bearer {record.access_token}"))
+    elif inject.authorization == "id_token" and record.id_token:
+        out.append(("Authorization", f"Bearer {record.id_token}"))
+    claims: Mapping[str, Any] = {**record.claims, "sub": record.subject}
+    for header, path in inject.headers.items():
+        values = claim_values(claims, path)
+        if values:
+            # Header values must not carry line breaks or controls from a claim.
+            out.append((header, ",".join(_printable(v) for v in values)))
+    return out
+
+
+def _printable(value: str) -> str:
+    return "".join(c for c in value if c >= " " and c != "\x7f")

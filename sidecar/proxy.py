@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import aiohttp
@@ -84,10 +84,15 @@ class Upstream:
         request: web.Request,
         extra: Iterable[tuple[str, str]] = (),
         drop: frozenset[str] = frozenset(),
+        cookie_filter: Callable[[str], str] | None = None,
     ) -> web.StreamResponse:
         """Send `request` upstream and stream the answer back; `extra` headers are added."""
         headers = upstream_headers(
-            request, self._policy, pass_host=self.config.pass_host_header, drop=drop
+            request,
+            self._policy,
+            pass_host=self.config.pass_host_header,
+            drop=drop,
+            cookie_filter=cookie_filter,
         )
         headers.extend(extra)
         if _is_websocket(request):

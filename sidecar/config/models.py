@@ -189,6 +189,7 @@ class RefreshConfig(_Section):
 
 class AccessConfig(_Section):
     allowed_groups: list[str] = Field(default_factory=list)
+    groups_claim: str = Field("groups", description="claim path of the groups: realm_access.roles")
     allowed_emails: list[str] = Field(default_factory=list)
     allowed_email_domains: list[str] = Field(default_factory=list)
 
