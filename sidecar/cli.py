@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("config-schema", help="print the config's JSON Schema")
     schema.set_defaults(func=_config_schema)
 
+    demo = commands.add_parser("demo", help="dev IdP + echo app + sidecar on 127.0.0.1")
+    demo.add_argument("--port", type=int, default=4180, help="sidecar port (uses the next 3)")
+    demo.set_defaults(func=_demo)
+
     key = commands.add_parser("generate-key", help="print a new session encryption key")
     key.set_defaults(func=_generate_key)
     return parser
@@ -80,6 +84,16 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.logging.level)
     run(config)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+    from sidecar.logging import configure_logging
+    from sidecar.server import run_until_done
+
+    configure_logging("info")
+    run_until_done(run_demo(args.port))
     return 0
 
 

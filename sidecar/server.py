@@ -22,7 +22,7 @@ from sidecar.errors import ConfigError
 from sidecar.health import READINESS
 from sidecar.logging import AccessLogger
 
-__all__ = ["main_runner_options", "run", "serve"]
+__all__ = ["main_runner_options", "run", "run_until_done", "serve"]
 
 log = logging.getLogger("sidecar")
 
@@ -93,10 +93,11 @@ def run(config: Config) -> None:
             "server.workers > 1 is not implemented yet: running a single process",
             extra={"workers": config.server.workers},
         )
-    _run_loop(serve(config))
+    run_until_done(serve(config))
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_until_done(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` to completion on uvloop when it is installed."""
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
