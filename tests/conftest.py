@@ -32,14 +32,34 @@ def free_port() -> int:
 
 
 def config_dict(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> dict[str, Any]:
-    """A minimal valid configuration as a dict; keyword arguments replace whole sections."""
+    """A minimal valid configuration as a dict; keyword arguments replace whole sections.
+
+    It logs in against the shared dev IdP, keeps sessions in memory, and makes every path
+    public (proxy tests); login tests pass `public_paths=[]`.
+    """
+    from tests.idp import CLIENT_ID, CLIENT_SECRET, shared_idp
+
     port = free_port()
+    public_url = f"http://127.0.0.1:{port}"
+    idp = shared_idp()
+    idp.register(public_url)
     data: dict[str, Any] = {
-        "server": {"listen": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}"},
+        "server": {"listen": f"127.0.0.1:{port}", "public_url": public_url},
         "management": {"listen": f"127.0.0.1:{free_port()}"},
-        "oidc": {"issuer": "https://idp.example.com", "client_id": "app"},
-        "session": {"encryption_keys": [TEST_KEY]},
+        "oidc": {
+            "issuer": idp.issuer,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "post_logout_redirect_url": public_url + "/",
+        },
+        "session": {
+            "store": "memory",
+            "cookie_name": "sidecar",
+            "cookie_secure": False,
+            "encryption_keys": [TEST_KEY],
+        },
         "upstreams": [{"path": "/", "url": upstream_url}],
+        "public_paths": ["/"],
         "logging": {"level": "info"},
     }
     data.update(sections)
@@ -61,11 +81,14 @@ class TestServerPair:
     def __init__(self, config: Config) -> None:
         self.config = config
         main, management = build_apps(config)
-        self.main = TestServer(main, host="127.0.0.1", **main_runner_options(config))
+        self.main = TestServer(main, host="127.0.0.1")
         self.management = TestServer(management, host="127.0.0.1")
 
     async def start(self) -> None:
-        await self.main.start_server()
+        # TestServer always sets handler_cancellation=True itself; pass the rest.
+        options = main_runner_options(self.config)
+        options.pop("handler_cancellation")
+        await self.main.start_server(**options)
         await self.management.start_server()
 
     async def close(self) -> None:
