@@ -72,7 +72,7 @@ def browser() -> aiohttp.ClientSession:
 def local(sc: Any, location: str) -> str:
     """The sidecar's public_url port differs from where the test runs it: re-target."""
     url = URL(location)
-    return sc.url(url.raw_path_qs if url.is_absolute() else location)
+    return str(sc.url(url.raw_path_qs if url.is_absolute() else location))
 
 
 async def authorize(s: aiohttp.ClientSession, sc: Any, path: str, user: str) -> str:
@@ -184,7 +184,7 @@ async def test_redis_store_holds_no_tokens_or_cookie(
         token = header(body, "Authorization")[0].removeprefix("Bearer ")
         status, _ = await get_json(s, sc.url("/oauth2/userinfo"))
         assert status == 200
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    client: Any = redis.Redis.from_url("redis://127.0.0.1:6379/0")
     try:
         keys = [k async for k in client.scan_iter(match=f"{redis_prefix}*")]
         assert keys, "the session should be in Redis"
@@ -574,3 +574,19 @@ def test_bad_id_tokens_rejected(token: Any) -> None:
     """Each defective ID token raises InvalidIDToken."""
     with pytest.raises(InvalidIDToken):
         _validate(token())
+
+
+async def test_two_tabs_and_protocol_relative_original_path(
+    start_sidecar: Any, upstream_app: Any
+) -> None:
+    """Two logins pending in one browser both finish; `//host` original paths land on `/`."""
+    sc = await setup(start_sidecar, upstream_app)
+    async with browser() as s:
+        first = await authorize(s, sc, "/one", "alice")
+        second = await authorize(s, sc, "//evil.com/two", "bob")
+        async with s.get(local(sc, first), allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/one"
+        async with s.get(local(sc, second), allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/"
+        status, body = await get_json(s, sc.url("/x"))
+    assert status == 200 and header(body, "X-Forwarded-User") == ["bob"]
