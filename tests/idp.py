@@ -50,7 +50,7 @@ class ThreadedIdP:
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Run `fn` on the IdP's loop thread (its state is not thread-safe)."""
-        done: asyncio.Future[Any] = asyncio.run_coroutine_threadsafe(_call(fn, *args), self._loop)  # type: ignore[assignment]
+        done = asyncio.run_coroutine_threadsafe(_call(fn, *args), self._loop)
         return done.result(10)
 
 

@@ -278,7 +278,8 @@ def test_run_port_in_use_exits_1(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        data = config_dict()
+        data = config_dict(session={"store": "memory", "encryption_keys": [TEST_KEY]})
+        data["oidc"]["issuer"] = "http://127.0.0.1:9"  # refused at once: nothing to wait for
         data["server"]["listen"] = f"127.0.0.1:{free_port()}"
         data["management"]["listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
         result = run_cli("run", "--config", str(write_config(tmp_path, data)))
