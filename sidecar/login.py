@@ -98,7 +98,7 @@ async def start(request: web.Request) -> web.StreamResponse:
             created_at=time.time(),
         ),
     )
-    response = web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+    response = _redirect(url)
     cookies.set_login(response, secret)
     return response
 
@@ -176,7 +176,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         await sessions.delete(previous)
     session = await sessions.create(record)
     log.info("login", extra={"session": session.h[:12]})
-    response = web.HTTPFound(pending.return_to, headers={"Cache-Control": "no-store"})
+    response = _redirect(pending.return_to)
     cookies.set_session(response, session.id)
     return response
 
@@ -204,7 +204,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if _wants_json(request):
         response = web.json_response({"logout_url": target}, headers={"Cache-Control": "no-store"})
     else:
-        response = web.HTTPSeeOther(target, headers={"Cache-Control": "no-store"})
+        response = _redirect(target, status=303)
     cookies.clear_session(response)
     return response
 
@@ -234,7 +234,7 @@ def unauthenticated(request: web.Request) -> web.StreamResponse:
     """DESIGN §6: a navigation goes to login; anything else gets 401 naming the login URL."""
     url = login_url(request)
     if is_navigation(request):
-        return web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+        return _redirect(url)
     return web.json_response(
         {"error": "unauthenticated", "message": "log in first", "login_url": url},
         status=401,
@@ -254,6 +254,10 @@ def _login_failed(request: web.Request, status: int, code: str, message: str) ->
     return web.Response(
         status=status, text=body, content_type="text/html", headers={"Cache-Control": "no-store"}
     )
+
+
+def _redirect(location: str, status: int = 302) -> web.Response:
+    return web.Response(status=status, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 def _digest(secret: str) -> str:

@@ -8,6 +8,7 @@ Redirects are never followed: token requests carry credentials.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -171,12 +172,12 @@ class OIDCClient:
         endpoint = self._metadata.revocation_endpoint if self._metadata else None
         if endpoint is None:
             return False
-        data, auth = self._client_auth({"token": token, "token_type_hint": hint})
+        data, auth_headers = self._client_auth({"token": token, "token_type_hint": hint})
         try:
             async with self.session.post(
                 endpoint,
                 data=data,
-                auth=auth,
+                headers=auth_headers,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=_REVOKE_TIMEOUT),
             ) as resp:
@@ -203,29 +204,29 @@ class OIDCClient:
             raise RuntimeError("OIDC client used before start() or after close()")
         return self._session
 
-    def _client_auth(self, form: dict[str, str]) -> tuple[dict[str, str], aiohttp.BasicAuth | None]:
+    def _client_auth(self, form: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         secret = self.config.client_secret
         if secret is None:
-            return {**form, "client_id": self.config.client_id}, None
+            return {**form, "client_id": self.config.client_id}, {}
         if self.config.token_endpoint_auth_method == "client_secret_post":  # noqa: S105
             return {
                 **form,
                 "client_id": self.config.client_id,
                 "client_secret": secret.get_secret_value(),
-            }, None
+            }, {}
         # RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
-        return form, aiohttp.BasicAuth(
-            quote(self.config.client_id, safe=""), quote(secret.get_secret_value(), safe="")
+        pair = (
+            f"{quote(self.config.client_id, safe='')}:{quote(secret.get_secret_value(), safe='')}"
         )
+        return form, {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
     async def _token_request(self, form: dict[str, str]) -> TokenResponse:
-        data, auth = self._client_auth(form)
+        data, auth_headers = self._client_auth(form)
         try:
             async with self.session.post(
                 self.metadata.token_endpoint,
                 data=data,
-                auth=auth,
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", **auth_headers},
                 allow_redirects=False,
             ) as resp:
                 body = await resp.content.read(_MAX_RESPONSE_BYTES)
