@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -17,7 +16,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import login
 from sidecar.access import allowed
-from sidecar.appkeys import CONFIG, COOKIES, METRICS, OIDC, READINESS, ROUTE, ROUTER, SESSIONS
+from sidecar.appkeys import (
+    CONFIG,
+    COOKIES,
+    METRICS,
+    OIDC,
+    READINESS,
+    REFRESHER,
+    ROUTE,
+    ROUTER,
+    SESSIONS,
+)
 from sidecar.config import Config
 from sidecar.errors import StoreUnavailable
 from sidecar.headers import ForwardedPolicy, identity_headers, injected_names
@@ -27,6 +36,15 @@ from sidecar.metrics import Metrics
 from sidecar.middleware import add_request_id, map_errors, observe
 from sidecar.oidc import OIDCClient
 from sidecar.proxy import Router, Upstream, path_matches
+from sidecar.refresh import (
+    Events,
+    Locks,
+    MemoryEvents,
+    MemoryLocks,
+    RedisEvents,
+    RedisLocks,
+    Refresher,
+)
 from sidecar.responses import error_response
 from sidecar.session import Keyring, MemorySessionStore, RedisSessionStore, SessionManager
 from sidecar.session.cookie import Cookies
@@ -37,6 +55,7 @@ __all__ = ["build_apps"]
 log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
+EVENTS: Final = web.AppKey("events", Events)
 
 
 def build_apps(
@@ -56,6 +75,13 @@ def build_apps(
             if config.session.store == "memory"
             else RedisSessionStore.from_url(config.redis.url, config.redis.key_prefix)
         )
+    locks: Locks
+    events: Events
+    if isinstance(store, RedisSessionStore):
+        locks = RedisLocks(store.client, store.prefix)
+        events = RedisEvents(store.client, store.prefix)
+    else:
+        locks, events = MemoryLocks(), MemoryEvents()
     keyring = Keyring.from_base64([k.get_secret_value() for k in config.session.encryption_keys])
     oidc = OIDCClient(
         config.oidc,
@@ -70,7 +96,10 @@ def build_apps(
     main[READINESS] = readiness
     main[ROUTER] = router
     main[OIDC] = oidc
-    main[SESSIONS] = SessionManager(store, keyring, config.session)
+    sessions = SessionManager(store, keyring, config.session)
+    main[SESSIONS] = sessions
+    main[EVENTS] = events
+    main[REFRESHER] = Refresher(sessions, oidc, locks, events, config.refresh, metrics)
     main[COOKIES] = Cookies(config.session)
     main.cleanup_ctx.append(_upstream_pools)
     main.cleanup_ctx.append(_session_store)
@@ -110,7 +139,9 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
     if isinstance(store, RedisSessionStore):
         readiness.register("redis")
         probe = asyncio.create_task(_probe_store(store, readiness))
+    await app[EVENTS].start()
     yield
+    await app[EVENTS].close()
     if probe is not None:
         probe.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -155,8 +186,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return await upstream.forward(request, extra=extra, drop=drop, cookie_filter=cookies.strip)
 
     session = await request.app[SESSIONS].load(cookies.session_id(request))
-    if session is None or session.record.access_expires_at <= time.time():
+    if session is None:
         return login.unauthenticated(request)
+    session = await request.app[REFRESHER].ensure_fresh(session)
     record = session.record
     if not allowed(record.claims, (config.access, upstream.config.access)):
         return error_response(request, 403, "forbidden", "you are not allowed to see this")

@@ -11,10 +11,21 @@ from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
 from sidecar.proxy import Router
+from sidecar.refresh import Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
 
-__all__ = ["CONFIG", "COOKIES", "METRICS", "OIDC", "READINESS", "ROUTE", "ROUTER", "SESSIONS"]
+__all__ = [
+    "CONFIG",
+    "COOKIES",
+    "METRICS",
+    "OIDC",
+    "READINESS",
+    "REFRESHER",
+    "ROUTE",
+    "ROUTER",
+    "SESSIONS",
+]
 
 CONFIG: Final = web.AppKey("config", Config)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -22,5 +33,6 @@ ROUTER: Final = web.AppKey("router", Router)
 OIDC: Final = web.AppKey("oidc", OIDCClient)
 SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
+REFRESHER: Final = web.AppKey("refresher", Refresher)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

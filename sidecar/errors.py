@@ -6,10 +6,12 @@
     │   ├── UpstreamUnavailable   connection refused, reset, DNS failure   → 502
     │   └── UpstreamTimeout       connect or read timeout                   → 504
     ├── StoreUnavailable       Redis cannot be reached                      → 503
-    └── IdPError               the identity provider failed us
-        ├── IdPUnavailable        unreachable, timed out, 5xx, garbage       → 503
-        ├── TokenRequestError     the token endpoint said no (wire `error` code)
-        └── InvalidIDToken        signature, issuer, audience, nonce … wrong
+    ├── IdPError               the identity provider failed us
+    │   ├── IdPUnavailable        unreachable, timed out, 5xx, garbage       → 503
+    │   ├── TokenRequestError     the token endpoint said no (wire `error` code)
+    │   └── InvalidIDToken        signature, issuer, audience, nonce … wrong
+    ├── SessionEnded           refresh said invalid_grant; session deleted  → 302 / 401
+    └── RefreshUnavailable     no valid token and no refresh possible now   → 503 + Retry-After
 
 One middleware maps every kind to the HTTP answer of DESIGN §6.
 """
@@ -21,6 +23,8 @@ __all__ = [
     "IdPError",
     "IdPUnavailable",
     "InvalidIDToken",
+    "RefreshUnavailable",
+    "SessionEnded",
     "SidecarError",
     "StoreUnavailable",
     "TokenRequestError",
@@ -77,9 +81,17 @@ class IdPError(SidecarError):
 
 
 class IdPUnavailable(IdPError):
-    """The IdP could not be reached, timed out, or answered with something unusable."""
+    """The IdP could not be reached, timed out, or answered with something unusable.
+
+    `maybe_sent` is False only when the request certainly never left (connection refused,
+    DNS failure, connect timeout): only then may a refresh grant be retried (DESIGN §5.5).
+    """
 
     code = "idp_unavailable"
+
+    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
 
 
 class TokenRequestError(IdPError):
@@ -97,3 +109,25 @@ class InvalidIDToken(IdPError):
     """An ID token failed validation (OIDC Core §3.1.3.7); the message says which check."""
 
     code = "invalid_id_token"
+
+
+class SessionEnded(SidecarError):
+    """The session is over (refresh refused, or nothing left to refresh with): log in again."""
+
+    status = 401
+    code = "session_ended"
+
+    def __init__(self, message: str, *, reason: str = "ended") -> None:
+        super().__init__(message)
+        self.reason = reason  # metrics label: ended, invalid_grant_revoked, …_lost_rotation
+
+
+class RefreshUnavailable(SidecarError):
+    """The access token has expired and cannot be refreshed right now; the session is kept."""
+
+    status = 503
+    code = "refresh_unavailable"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, round(retry_after))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
-import json
 import logging
 import re
 import secrets
@@ -17,13 +16,12 @@ import time
 from typing import Final
 
 from aiohttp import web
-from joserfc.errors import JoseError
-from joserfc.jws import extract_compact
 from yarl import URL
 
 from sidecar.appkeys import CONFIG, COOKIES, OIDC, ROUTE, SESSIONS
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
+from sidecar.oidc.tokens import access_token_lifetime, user_claims
 from sidecar.responses import error_response, is_navigation
 from sidecar.session import PendingLogin, SessionRecord
 
@@ -46,11 +44,6 @@ _MAX_CODE: Final = 4096
 _MAX_RETURN_PATH: Final = 2048
 _ERROR_CODE: Final = re.compile(r"[a-z_]{1,64}")
 _SECRET: Final = re.compile(r"[A-Za-z0-9_-]{43}")
-_DEFAULT_ACCESS_TTL: Final = 3600.0  # when the IdP says neither expires_in nor a JWT exp
-# ID-token claims about the token itself, not the user: not kept in the session.
-_TOKEN_CLAIMS: Final = frozenset(
-    {"aud", "exp", "iat", "nbf", "nonce", "at_hash", "c_hash", "azp", "jti", "auth_time"}
-)
 
 
 def safe_return_path(value: str | None) -> str:
@@ -148,7 +141,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _login_failed(request, 400, "invalid_id_token", "The login could not be verified.")
 
     now = time.time()
-    access_expires = now + (tokens.expires_in or _jwt_ttl(tokens.access_token, now))
+    access_expires = now + access_token_lifetime(tokens, now)
     expires_at = now + config.session.lifetime
     refresh_expires = None
     if tokens.refresh_token is None:
@@ -160,7 +153,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         issuer=str(claims["iss"]),
         subject=str(claims["sub"]),
         idp_session_id=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
-        claims={k: v for k, v in claims.items() if k not in _TOKEN_CLAIMS},
+        claims=user_claims(claims),
         access_token=tokens.access_token,
         access_expires_at=access_expires,
         refresh_token=tokens.refresh_token,
@@ -262,17 +255,6 @@ def _redirect(location: str, status: int = 302) -> web.Response:
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _jwt_ttl(token: str, now: float) -> float:
-    """Lifetime from an unverified JWT `exp` (we only schedule refresh by it)."""
-    try:
-        exp = json.loads(extract_compact(token.encode()).payload).get("exp")
-    except (JoseError, ValueError, AttributeError):
-        return _DEFAULT_ACCESS_TTL
-    if isinstance(exp, int | float) and exp > now:
-        return float(exp) - now
-    return _DEFAULT_ACCESS_TTL
 
 
 def _same_origin(request: web.Request, public_url: str) -> bool:

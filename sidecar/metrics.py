@@ -40,5 +40,35 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.refresh_outcomes = Counter(
+            "sidecar_refresh",
+            "Refresh attempts by outcome (refreshed, refreshed_elsewhere, transient, "
+            "invalid_grant_revoked, invalid_grant_lost_rotation, unavailable, …).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.idp_latency = Histogram(
+            "sidecar_idp_token_request_duration_seconds",
+            "Latency of refresh grants at the IdP token endpoint.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.lock_wait = Histogram(
+            "sidecar_refresh_lock_wait_seconds",
+            "Time spent waiting for another process's refresh of the same session.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.refresh_joins = Counter(
+            "sidecar_refresh_singleflight_joins",
+            "Requests that joined a refresh already running in this process.",
+            registry=self.registry,
+        )
+        self.lock_contention = Counter(
+            "sidecar_refresh_lock_contention",
+            "Refresh lock acquisitions that found the session's lock held elsewhere.",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,8 +10,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar.appkeys import METRICS, ROUTE
-from sidecar.errors import SidecarError, UpstreamError
+from sidecar.errors import (
+    IdPError,
+    RefreshUnavailable,
+    SessionEnded,
+    SidecarError,
+    StoreUnavailable,
+    UpstreamError,
+)
 from sidecar.logging import REQUEST_ID, request_id_for
+from sidecar.login import unauthenticated
 from sidecar.responses import error_response
 
 __all__ = ["map_errors", "observe"]
@@ -54,6 +62,25 @@ async def map_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     except UpstreamError as exc:
         return error_response(request, exc.status, exc.code, str(exc))
+    except SessionEnded:
+        return unauthenticated(request)
+    except RefreshUnavailable as exc:
+        return error_response(
+            request,
+            503,
+            exc.code,
+            "the identity provider is unavailable; try again shortly",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    except (StoreUnavailable, IdPError) as exc:
+        log.warning("dependency unavailable", extra={"error": type(exc).__name__})
+        return error_response(
+            request,
+            503,
+            exc.code,
+            "a dependency is unavailable; try again shortly",
+            headers={"Retry-After": "5"},
+        )
     except web.HTTPException:
         raise
     except SidecarError:

@@ -17,9 +17,9 @@ CLIENT_SECRET = "test-client-secret"
 class ThreadedIdP:
     """A `DevIdP` on 127.0.0.1 in its own event loop and thread."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, access_token_ttl: float = 300.0) -> None:
         self.issuer = f"http://127.0.0.1:{port}"
-        self.idp = DevIdP(self.issuer, users=default_users(), access_token_ttl=300.0)
+        self.idp = DevIdP(self.issuer, users=default_users(), access_token_ttl=access_token_ttl)
         self._port = port
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -47,6 +47,10 @@ class ThreadedIdP:
             self.idp.register_client,
             DevClient(CLIENT_ID, CLIENT_SECRET, redirects, afters),
         )
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Run `fn` on the IdP's loop thread (its state is not thread-safe)."""

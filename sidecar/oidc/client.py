@@ -132,10 +132,17 @@ class OIDCClient:
         )
 
     async def refresh(self, refresh_token: str) -> TokenResponse:
-        """Refresh grant (RFC 6749 §6). Sent once: with rotation it is not idempotent."""
-        return await self._token_request(
-            {"grant_type": "refresh_token", "refresh_token": refresh_token}
-        )
+        """Refresh grant (RFC 6749 §6), sent once: with rotation it is not idempotent.
+
+        Only a request that certainly never left is tried a second time (DESIGN §5.5).
+        """
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        try:
+            return await self._token_request(form)
+        except IdPUnavailable as exc:
+            if exc.maybe_sent:
+                raise
+            return await self._token_request(form)
 
     async def validate_id_token(
         self,
@@ -231,6 +238,9 @@ class OIDCClient:
             ) as resp:
                 body = await resp.content.read(_MAX_RESPONSE_BYTES)
                 status = resp.status
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Refused, DNS, TLS or connect timeout: nothing reached the token endpoint.
+            raise IdPUnavailable(f"token endpoint: {type(exc).__name__}", maybe_sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise IdPUnavailable(f"token endpoint: {type(exc).__name__}") from exc
         payload = _json_object(body)

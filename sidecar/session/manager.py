@@ -43,6 +43,9 @@ class Session:
     h: str
     record: SessionRecord
 
+    def with_record(self, record: SessionRecord) -> Session:
+        return Session(self.id, self.h, record)
+
 
 @dataclass(frozen=True, slots=True)
 class PendingLogin:

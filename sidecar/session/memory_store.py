@@ -19,6 +19,7 @@ class MemorySessionStore:
         self._records: dict[str, tuple[int, bytes, float]] = {}
         self._logins: dict[str, tuple[bytes, float]] = {}
         self._indexes: dict[str, dict[str, float]] = {}
+        self._attempts: dict[str, float] = {}
         log.warning(
             "memory session store: sessions live in this process only and vanish on restart; "
             "not for more than one replica or worker"
@@ -36,6 +37,7 @@ class MemorySessionStore:
 
     async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
         self._records[h] = (version, sealed, self._clock() + ttl)
+        self._attempts.pop(h, None)
 
     async def replace(
         self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
@@ -44,9 +46,18 @@ class MemorySessionStore:
         if current is None or current[0] != expected_version:
             return False
         self._records[h] = (version, sealed, self._clock() + ttl)
+        self._attempts.pop(h, None)
         return True
 
+    async def mark_attempt(self, h: str, at: float) -> None:
+        if h in self._records:
+            self._attempts[h] = at
+
+    async def attempt_mark(self, h: str) -> float | None:
+        return self._attempts.get(h)
+
     async def delete(self, h: str) -> bool:
+        self._attempts.pop(h, None)
         return self._records.pop(h, None) is not None
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:

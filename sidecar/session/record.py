@@ -44,6 +44,7 @@ class SessionRecord:
     expires_at: float  # absolute end: lifetime cap, refresh-token expiry
     version: int = 1
     next_attempt_at: float | None = None
+    failed_attempts: int = 0  # consecutive transient refresh failures (backoff exponent)
     fmt: int = field(default=RECORD_FORMAT)
 
     def to_bytes(self) -> bytes:

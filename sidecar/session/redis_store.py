@@ -20,7 +20,14 @@ _REPLACE: Final = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if (not v) or v ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
+redis.call('HDEL', KEYS[1], 'a')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+# Marks "a refresh grant is about to be sent" on an existing record only (never creates one).
+_MARK_ATTEMPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'a', ARGV[1])
 return 1
 """
 
@@ -33,6 +40,7 @@ class RedisSessionStore:
         self._p = prefix
         self._owned = owned
         self._replace = client.register_script(_REPLACE)
+        self._mark_attempt = client.register_script(_MARK_ATTEMPT)
         self._closed = False
 
     @classmethod
@@ -67,6 +75,24 @@ class RedisSessionStore:
                 keys=[self._key(h)], args=[expected_version, version, sealed, _ms(ttl)]
             )
         return bool(done)
+
+    async def mark_attempt(self, h: str, at: float) -> None:
+        async with _translated():
+            await self._mark_attempt(keys=[self._key(h)], args=[repr(at)])
+
+    async def attempt_mark(self, h: str) -> float | None:
+        async with _translated():
+            value = await self._redis.hget(self._key(h), "a")
+        return float(value) if value is not None else None
+
+    @property
+    def client(self) -> redis.Redis:
+        """The connection pool, shared with the refresh lock and event channel."""
+        return self._redis
+
+    @property
+    def prefix(self) -> str:
+        return self._p
 
     async def delete(self, h: str) -> bool:
         async with _translated():

@@ -24,6 +24,12 @@ class SessionStore(Protocol):
     ) -> bool:
         """Fenced write: only if the record still exists at `expected_version` (DESIGN §5.6)."""
 
+    async def mark_attempt(self, h: str, at: float) -> None:
+        """Note that a refresh grant for `h` is about to be sent; a fenced write clears it."""
+
+    async def attempt_mark(self, h: str) -> float | None:
+        """When an unfinished refresh attempt was marked (a holder died mid-rotation), or None."""
+
     async def delete(self, h: str) -> bool:
         """Remove the record; True if it existed."""
 

@@ -1,0 +1,143 @@
+"""Session event channel `p:ev:{h}` (DESIGN §5 step 3): wakes waiters early, nothing more.
+
+Correctness rests on the waiter's slow poll of the record; a lost message only costs a
+poll interval. One pub/sub connection per process, subscribed to a session's channel only
+while someone in this process waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final, Protocol
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+__all__ = ["Events", "MemoryEvents", "RedisEvents"]
+
+log = logging.getLogger("sidecar.refresh")
+
+REFRESHED: Final = b"refreshed"
+FAILED: Final = b"failed"
+ENDED: Final = b"ended"
+
+
+class Events(Protocol):
+    async def publish(self, h: str, kind: bytes) -> None: ...
+
+    def waiting(self, h: str) -> contextlib.AbstractAsyncContextManager[asyncio.Event]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Waiters:
+    """asyncio Events per session hash, set when a message for it arrives."""
+
+    def __init__(self) -> None:
+        self.by_hash: dict[str, set[asyncio.Event]] = {}
+
+    def wake(self, h: str) -> None:
+        for event in self.by_hash.get(h, ()):
+            event.set()
+
+
+class MemoryEvents:
+    """In-process delivery for the memory store."""
+
+    def __init__(self) -> None:
+        self._waiters = _Waiters()
+
+    async def publish(self, h: str, kind: bytes) -> None:
+        self._waiters.wake(h)
+
+    @asynccontextmanager
+    async def waiting(self, h: str) -> AsyncIterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.by_hash.setdefault(h, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.by_hash.get(h)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters.by_hash[h]
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisEvents:
+    """Redis pub/sub on one connection; best effort by design."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._redis = client
+        self._p = prefix
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._waiters = _Waiters()
+        self._reader: asyncio.Task[None] | None = None
+
+    def _channel(self, h: str) -> str:
+        return f"{self._p}:ev:{{{h}}}"
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name="refresh-events")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def publish(self, h: str, kind: bytes) -> None:
+        try:
+            await self._redis.publish(self._channel(h), kind)
+        except (RedisError, OSError):
+            log.warning("session event not published; waiters fall back to polling")
+
+    @asynccontextmanager
+    async def waiting(self, h: str) -> AsyncIterator[asyncio.Event]:
+        event = asyncio.Event()
+        waiters = self._waiters.by_hash.setdefault(h, set())
+        first = not waiters
+        waiters.add(event)
+        if first:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.subscribe(self._channel(h))
+        try:
+            yield event
+        finally:
+            waiters.discard(event)
+            if not waiters and self._waiters.by_hash.get(h) is waiters:
+                del self._waiters.by_hash[h]
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(self._channel(h))
+
+    async def _read(self) -> None:
+        prefix = f"{self._p}:ev:{{".encode()
+        while True:
+            if not self._pubsub.subscribed:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.5)  # the pollers carry on meanwhile
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            if isinstance(channel, bytes) and channel.startswith(prefix):
+                self._waiters.wake(channel[len(prefix) : -1].decode())

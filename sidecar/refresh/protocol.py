@@ -1,0 +1,288 @@
+"""`ensure_fresh`: the refresh protocol of DESIGN §5, read top to bottom.
+
+1. Fresh enough → use the token; no lock, no write.
+2. In-process single-flight per session, in a shielded task of its own.
+3. Redis lock per session; a waiter listens on the event channel and polls the record.
+4. Holding the lock, re-read: another replica may have refreshed already.
+5. One refresh grant; retried only if it certainly never left.
+6. Fenced write, publish, release; `invalid_grant` ends the session; a transient failure
+   records `next_attempt_at` and the current token is used while it is still valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Final, NoReturn
+
+from sidecar.config import RefreshConfig
+from sidecar.errors import (
+    IdPUnavailable,
+    InvalidIDToken,
+    RefreshUnavailable,
+    SessionEnded,
+    TokenRequestError,
+)
+from sidecar.metrics import Metrics
+from sidecar.oidc import OIDCClient, TokenResponse
+from sidecar.oidc.tokens import access_token_lifetime, user_claims
+from sidecar.refresh.events import ENDED, FAILED, REFRESHED, Events
+from sidecar.refresh.locks import Locks
+from sidecar.session import Session, SessionManager, SessionRecord
+
+__all__ = ["Refresher", "refresh_window"]
+
+log = logging.getLogger("sidecar.refresh")
+
+_MAX_ROUNDS: Final = 3  # lock attempts per refresh before giving up with 503
+_POLL_INTERVAL: Final = 0.25  # seconds between a waiter's record re-reads (its real guarantee)
+_WATCHDOG_MARGIN: Final = 5.0  # the lock may outlive the IdP timeout by this much, no more
+_BACKOFF_BASE, _BACKOFF_MAX = 1.0, 60.0  # seconds; after transient failures, with jitter
+
+
+def refresh_window(record: SessionRecord, before_expiry: float) -> float:
+    """Refresh when less than `min(before_expiry, lifetime / 2)` is left (DESIGN §5 step 1)."""
+    lifetime = max(0.0, record.access_expires_at - record.refreshed_at)
+    return min(before_expiry, lifetime / 2)
+
+
+class Refresher:
+    """Keeps sessions' access tokens fresh, once per rotation across all replicas."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        oidc: OIDCClient,
+        locks: Locks,
+        events: Events,
+        config: RefreshConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sessions = sessions
+        self._oidc = oidc
+        self._locks = locks
+        self._events = events
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._inflight: dict[str, asyncio.Task[Session]] = {}
+
+    async def ensure_fresh(self, session: Session) -> Session:
+        """A session whose access token the upstream will accept, or an error to answer with."""
+        decision = self._usable(session.record)
+        if decision is True:
+            return session
+        if decision is False:
+            self._unavailable(session.record)
+
+        # Step 2: register before the first await; shield so a client that goes away
+        # cannot cancel a grant that others wait on (aiohttp connector.py does the same).
+        task = self._inflight.get(session.h)
+        if task is None:
+            task = asyncio.create_task(self._refresh(session), name="session-refresh")
+            self._inflight[session.h] = task
+            task.add_done_callback(partial(self._forget, session.h))
+        else:
+            self._metrics.refresh_joins.inc()
+        return await asyncio.shield(task)
+
+    def _forget(self, h: str, task: asyncio.Task[Session]) -> None:
+        if self._inflight.get(h) is task:
+            del self._inflight[h]
+
+    def _usable(self, record: SessionRecord) -> bool | None:
+        """True: use as is. False: cannot be used now. None: a refresh should be tried."""
+        now = self._clock()
+        left = record.access_expires_at - now
+        if left > refresh_window(record, self._config.before_expiry):
+            return True
+        if record.refresh_token is None:
+            if left > 0:
+                return True
+            raise SessionEnded("access token expired and there is no refresh token")
+        if record.next_attempt_at is not None and record.next_attempt_at > now:
+            return left > 0
+        return None
+
+    def _unavailable(self, record: SessionRecord) -> NoReturn:
+        wait = (record.next_attempt_at or self._clock()) - self._clock()
+        raise RefreshUnavailable("token expired; the IdP is unavailable", retry_after=wait)
+
+    async def _refresh(self, session: Session) -> Session:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result, outcome = await self._refresh_rounds(session)
+            return result
+        except SessionEnded as exc:
+            outcome = exc.reason
+            raise
+        except RefreshUnavailable:
+            outcome = "unavailable"
+            raise
+        finally:
+            duration = time.perf_counter() - started
+            self._metrics.refresh_outcomes.labels(outcome).inc()
+            log.info(
+                "refresh",
+                extra={
+                    "session": session.h[:12],
+                    "outcome": outcome,
+                    "duration_ms": round(duration * 1000, 1),
+                },
+            )
+
+    async def _refresh_rounds(self, session: Session) -> tuple[Session, str]:
+        deadline = time.monotonic() + self._config.wait_timeout
+        current = session
+        for _ in range(_MAX_ROUNDS):
+            owner = await self._locks.acquire(current.h, self._config.lock_ttl)
+            if owner is not None:
+                return await self._refresh_holding(current, owner)
+            # Step 3: another process holds the lock. Wait for its outcome.
+            self._metrics.lock_contention.inc()
+            waited = time.perf_counter()
+            current = await self._wait_for_holder(current, deadline)
+            self._metrics.lock_wait.observe(time.perf_counter() - waited)
+            decision = self._usable(current.record)
+            if decision is True:
+                return current, "refreshed_elsewhere"
+            if decision is False:
+                self._unavailable(current.record)
+            if time.monotonic() >= deadline:
+                break
+        raise RefreshUnavailable("timed out waiting for another refresh", retry_after=1)
+
+    async def _wait_for_holder(self, session: Session, deadline: float) -> Session:
+        """Until the record's version changes, the lock goes, or the deadline passes."""
+        async with self._events.waiting(session.h) as woken:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), _POLL_INTERVAL)
+                woken.clear()
+                latest = await self._sessions.load(session.id)
+                if latest is None:
+                    raise SessionEnded("session ended during another refresh")
+                if latest.record.version != session.record.version:
+                    return latest
+                if not await self._locks.held(session.h):
+                    return latest
+        return session
+
+    async def _refresh_holding(self, session: Session, owner: str) -> tuple[Session, str]:
+        h = session.h
+        try:
+            # Step 4: re-read under the lock; another replica may have refreshed already.
+            latest = await self._sessions.load(session.id)
+            if latest is None:
+                raise SessionEnded("session ended before refresh")
+            decision = self._usable(latest.record)
+            if decision is True:
+                return latest, "already_fresh"
+            if decision is False:
+                self._unavailable(latest.record)
+            return await self._grant(latest, owner)
+        finally:
+            await self._locks.release(h, owner)
+
+    async def _grant(self, session: Session, owner: str) -> tuple[Session, str]:
+        record = session.record
+        assert record.refresh_token is not None  # _usable returned None only with one
+        interrupted = await self._sessions.store.attempt_mark(session.h)
+        await self._sessions.store.mark_attempt(session.h, self._clock())
+        watchdog = asyncio.create_task(self._keep_lock(session.h, owner))
+        started = time.perf_counter()
+        try:
+            tokens = await self._oidc.refresh(record.refresh_token)
+            claims = record.claims
+            if tokens.id_token is not None:
+                # OIDC Core §12.2: same iss, sub and aud as the original ID token.
+                validated = await self._oidc.validate_id_token(
+                    tokens.id_token, expect_subject=record.subject
+                )
+                claims = {**record.claims, **user_claims(validated)}
+        except TokenRequestError as exc:
+            if exc.error != "invalid_grant":
+                return await self._failed(session, "rejected")
+            await self._sessions.delete(session)
+            await self._events.publish(session.h, ENDED)
+            # A mark left by a holder that never wrote its result: the IdP rotated, we lost
+            # the new token (DESIGN §5 invariant's one hole). Otherwise: revoked.
+            reason = "invalid_grant_lost_rotation" if interrupted else "invalid_grant_revoked"
+            raise SessionEnded("refresh token refused by the IdP", reason=reason) from exc
+        except (IdPUnavailable, InvalidIDToken) as exc:
+            log.warning("refresh failed", extra={"session": session.h[:12], "error": str(exc)})
+            return await self._failed(session, "transient")
+        finally:
+            self._metrics.idp_latency.observe(time.perf_counter() - started)
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+        updated = self._refreshed_record(record, tokens, claims)
+        if not await self._sessions.save(session, updated):
+            # Deleted meanwhile (logout): never resurrect it.
+            await self._events.publish(session.h, ENDED)
+            raise SessionEnded("session ended during refresh")
+        await self._events.publish(session.h, REFRESHED)
+        return session.with_record(updated), "refreshed"
+
+    async def _keep_lock(self, h: str, owner: str) -> None:
+        """Extend the lock while the IdP call runs, up to the IdP timeout plus a margin."""
+        ttl = self._config.lock_ttl
+        limit = time.monotonic() + self._config.idp_timeout + _WATCHDOG_MARGIN
+        while time.monotonic() < limit:
+            await asyncio.sleep(ttl / 3)
+            remaining = limit - time.monotonic()
+            if remaining <= 0 or not await self._locks.extend(h, owner, min(ttl, remaining + 1)):
+                return
+
+    async def _failed(self, session: Session, outcome: str) -> tuple[Session, str]:
+        """Step 6, ambiguous failure: back off, tell waiters, keep the session."""
+        record = session.record
+        failures = record.failed_attempts + 1
+        delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (failures - 1))
+        delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+        failed = record.evolve(
+            version=record.version + 1,
+            next_attempt_at=self._clock() + delay,
+            failed_attempts=failures,
+        )
+        saved = await self._sessions.save(session, failed)
+        await self._events.publish(session.h, FAILED)
+        if not saved:
+            raise SessionEnded("session ended during refresh")
+        updated = session.with_record(failed)
+        if record.access_expires_at > self._clock():
+            return updated, outcome
+        self._unavailable(failed)
+
+    def _refreshed_record(
+        self, record: SessionRecord, tokens: TokenResponse, claims: dict[str, object]
+    ) -> SessionRecord:
+        now = self._clock()
+        refresh_expires = record.refresh_expires_at
+        expires_at = record.expires_at
+        if tokens.refresh_expires_in:
+            refresh_expires = now + tokens.refresh_expires_in
+            expires_at = min(expires_at, refresh_expires)
+        ttl = access_token_lifetime(tokens, now)
+        return record.evolve(
+            version=record.version + 1,
+            access_token=tokens.access_token,
+            access_expires_at=now + ttl,
+            refresh_token=tokens.refresh_token or record.refresh_token,
+            refresh_expires_at=refresh_expires,
+            id_token=tokens.id_token or record.id_token,
+            claims=claims,
+            refreshed_at=now,
+            expires_at=expires_at,
+            next_attempt_at=None,
+            failed_attempts=0,
+        )
