@@ -19,6 +19,7 @@ from sidecar.access import allowed
 from sidecar.appkeys import (
     CONFIG,
     COOKIES,
+    EVENTS,
     METRICS,
     OIDC,
     READINESS,
@@ -55,7 +56,6 @@ __all__ = ["build_apps"]
 log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
-EVENTS: Final = web.AppKey("events", Events)
 
 
 def build_apps(

@@ -11,13 +11,14 @@ from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
 from sidecar.proxy import Router
-from sidecar.refresh import Refresher
+from sidecar.refresh import Events, Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
 
 __all__ = [
     "CONFIG",
     "COOKIES",
+    "EVENTS",
     "METRICS",
     "OIDC",
     "READINESS",
@@ -34,5 +35,6 @@ OIDC: Final = web.AppKey("oidc", OIDCClient)
 SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
+EVENTS: Final = web.AppKey("events", Events)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

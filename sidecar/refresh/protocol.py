@@ -95,6 +95,8 @@ class Refresher:
     def _forget(self, h: str, task: asyncio.Task[Session]) -> None:
         if self._inflight.get(h) is task:
             del self._inflight[h]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone away meanwhile
 
     def _usable(self, record: SessionRecord) -> bool | None:
         """True: use as is. False: cannot be used now. None: a refresh should be tried."""
@@ -209,16 +211,21 @@ class Refresher:
                 claims = {**record.claims, **user_claims(validated)}
         except TokenRequestError as exc:
             if exc.error != "invalid_grant":
-                return await self._failed(session, "rejected")
+                return await self._failed(session, "rejected", maybe_rotated=False)
             await self._sessions.delete(session)
             await self._events.publish(session.h, ENDED)
             # A mark left by a holder that never wrote its result: the IdP rotated, we lost
             # the new token (DESIGN §5 invariant's one hole). Otherwise: revoked.
             reason = "invalid_grant_lost_rotation" if interrupted else "invalid_grant_revoked"
             raise SessionEnded("refresh token refused by the IdP", reason=reason) from exc
-        except (IdPUnavailable, InvalidIDToken) as exc:
+        except IdPUnavailable as exc:
             log.warning("refresh failed", extra={"session": session.h[:12], "error": str(exc)})
-            return await self._failed(session, "transient")
+            return await self._failed(session, "transient", maybe_rotated=exc.maybe_sent)
+        except InvalidIDToken as exc:
+            # The IdP rotated, but we cannot confirm who the tokens belong to: fail closed.
+            await self._sessions.delete(session)
+            await self._events.publish(session.h, ENDED)
+            raise SessionEnded(str(exc), reason="invalid_id_token") from exc
         finally:
             self._metrics.idp_latency.observe(time.perf_counter() - started)
             watchdog.cancel()
@@ -227,9 +234,16 @@ class Refresher:
 
         updated = self._refreshed_record(record, tokens, claims)
         if not await self._sessions.save(session, updated):
-            # Deleted meanwhile (logout): never resurrect it.
-            await self._events.publish(session.h, ENDED)
-            raise SessionEnded("session ended during refresh")
+            latest = await self._sessions.load(session.id)
+            if latest is None:
+                # Deleted meanwhile (logout): never resurrect it.
+                await self._events.publish(session.h, ENDED)
+                raise SessionEnded("session ended during refresh", reason="ended_during_refresh")
+            # Only possible if our lock expired despite the watchdog; the other write wins.
+            log.error(
+                "refresh result lost to a concurrent write", extra={"session": session.h[:12]}
+            )
+            return latest, "write_conflict"
         await self._events.publish(session.h, REFRESHED)
         return session.with_record(updated), "refreshed"
 
@@ -243,7 +257,9 @@ class Refresher:
             if remaining <= 0 or not await self._locks.extend(h, owner, min(ttl, remaining + 1)):
                 return
 
-    async def _failed(self, session: Session, outcome: str) -> tuple[Session, str]:
+    async def _failed(
+        self, session: Session, outcome: str, *, maybe_rotated: bool
+    ) -> tuple[Session, str]:
         """Step 6, ambiguous failure: back off, tell waiters, keep the session."""
         record = session.record
         failures = record.failed_attempts + 1
@@ -255,9 +271,13 @@ class Refresher:
             failed_attempts=failures,
         )
         saved = await self._sessions.save(session, failed)
+        if saved and maybe_rotated:
+            # The grant may have reached the IdP and rotated the token: keep the mark so a
+            # later invalid_grant is counted as a lost rotation, not a revocation.
+            await self._sessions.store.mark_attempt(session.h, self._clock())
         await self._events.publish(session.h, FAILED)
         if not saved:
-            raise SessionEnded("session ended during refresh")
+            raise SessionEnded("session ended during refresh", reason="ended_during_refresh")
         updated = session.with_record(failed)
         if record.access_expires_at > self._clock():
             return updated, outcome
