@@ -140,6 +140,10 @@ async def callback(request: web.Request) -> web.StreamResponse:
         log.warning("ID token rejected", extra={"reason": str(exc)})
         return _login_failed(request, 400, "invalid_id_token", "The login could not be verified.")
 
+    profile = await client.userinfo(tokens.access_token)
+    if profile is not None and profile.get("sub") == claims["sub"]:
+        # §5.3.4: userinfo is about the ID token's subject or it is ignored.
+        claims = {**profile, **claims}
     now = time.time()
     access_expires = now + access_token_lifetime(tokens, now)
     expires_at = now + config.session.lifetime

@@ -53,7 +53,11 @@ def _http_url(value: str) -> str:
         raise ValueError(f"expected an absolute http:// or https:// URL, got {shown!r}")
     if url.query_string or url.fragment:
         raise ValueError("must not contain a query or fragment")
-    return value.rstrip("/")
+    return value
+
+
+def _base_url(value: str) -> str:
+    return _http_url(value).rstrip("/")
 
 
 def _path_prefix(value: str) -> str:
@@ -62,13 +66,14 @@ def _path_prefix(value: str) -> str:
     return value
 
 
-HttpUrl = Annotated[str, AfterValidator(_http_url)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]  # kept exactly: IdPs compare byte for byte
+BaseUrl = Annotated[str, AfterValidator(_base_url)]  # paths are appended: no trailing slash
 PathPrefix = Annotated[str, AfterValidator(_path_prefix)]
 
 
 class ServerConfig(_Section):
     listen: ListenAddress = Field(default="0.0.0.0:4180", validate_default=True)
-    public_url: HttpUrl = Field(description="redirect_uri = public_url + /oauth2/callback")
+    public_url: BaseUrl = Field(description="redirect_uri = public_url + /oauth2/callback")
     trusted_proxies: list[str] = Field(
         default_factory=list, description="CIDRs whose X-Forwarded-* headers are believed"
     )
@@ -97,7 +102,7 @@ class ManagementConfig(_Section):
 
 
 class OIDCConfig(_Section):
-    issuer: HttpUrl
+    issuer: BaseUrl
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
     token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
@@ -196,7 +201,7 @@ class AccessConfig(_Section):
 
 class UpstreamConfig(_Section):
     path: PathPrefix = "/"
-    url: HttpUrl
+    url: BaseUrl
     # 0 would switch aiohttp's timeouts off: a hung upstream would hold the request forever.
     timeout: Duration = Field(30.0, gt=0, description="wait for response headers and between reads")
     connect_timeout: Duration = Field(5.0, gt=0)

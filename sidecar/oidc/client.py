@@ -174,6 +174,30 @@ class OIDCClient:
                     raise
         raise InvalidIDToken("unreachable")  # pragma: no cover
 
+    async def userinfo(self, access_token: str) -> dict[str, Any] | None:
+        """Claims from the UserInfo endpoint (OIDC Core §5.3), or None if it has none or fails.
+
+        IdPs may put scope claims (email, profile) only here and not in the ID token (§5.4).
+        """
+        endpoint = self._metadata.userinfo_endpoint if self._metadata else None
+        if endpoint is None:
+            return None
+        try:
+            async with self.session.get(
+                endpoint,
+                headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.content.read(_MAX_RESPONSE_BYTES)
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError):
+            log.warning("userinfo request failed")
+            return None
+        claims = _json_object(body) if status == 200 else None
+        if claims is None:
+            log.warning("userinfo answered unusably", extra={"status": status})
+        return claims
+
     async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
         """RFC 7009 revocation; best effort with a short timeout. True if the IdP said 200."""
         endpoint = self._metadata.revocation_endpoint if self._metadata else None
