@@ -28,7 +28,7 @@ __all__ = ["demo_config", "run_demo"]
 log = logging.getLogger("sidecar.demo")
 
 _HOST: Final = "127.0.0.1"  # loopback only, whatever else is configured
-ACCESS_TOKEN_TTL: Final = 300.0  # short enough to watch expiry; refresh shortens it further
+ACCESS_TOKEN_TTL: Final = 30.0  # short, so refreshes can be watched on the page
 
 
 def demo_config(port: int, client_secret: str) -> Config:
@@ -52,6 +52,7 @@ def demo_config(port: int, client_secret: str) -> Config:
                 "encryption_keys": [base64.b64encode(secrets.token_bytes(32)).decode()],
             },
             "upstreams": [{"path": "/", "url": f"http://{_HOST}:{port + 2}"}],
+            "refresh": {"before_expiry": "10s"},
             "logging": {"level": "info"},
         }
     )
