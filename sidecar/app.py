@@ -56,6 +56,7 @@ __all__ = ["build_apps"]
 log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
+_CLOSE_TIMEOUT: Final = 2.0  # a background task gets this long to stop at shutdown
 
 
 def build_apps(
@@ -135,28 +136,32 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
     """Probe the store for /readyz in the background; close it last."""
     store = app[SESSIONS].store
     readiness = app[READINESS]
+    stop = asyncio.Event()
     probe = None
     if isinstance(store, RedisSessionStore):
         readiness.register("redis")
-        probe = asyncio.create_task(_probe_store(store, readiness))
+        probe = asyncio.create_task(_probe_store(store, readiness, stop))
     await app[EVENTS].start()
     yield
     await app[EVENTS].close()
+    stop.set()
     if probe is not None:
+        # redis-py may turn a cancellation inside a command into a connection error, so
+        # the loop also ends on `stop`, and shutdown never waits on it for long.
         probe.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await probe
+        await asyncio.wait({probe}, timeout=_CLOSE_TIMEOUT)
     await store.close()
 
 
-async def _probe_store(store: SessionStore, readiness: Readiness) -> None:
-    while True:
+async def _probe_store(store: SessionStore, readiness: Readiness, stop: asyncio.Event) -> None:
+    while not stop.is_set():
         try:
             await store.ping()
             readiness.report("redis", True)
         except StoreUnavailable as exc:
             readiness.report("redis", False, str(exc))
-        await asyncio.sleep(_STORE_PROBE_INTERVAL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _STORE_PROBE_INTERVAL)
 
 
 async def _identity_provider(app: web.Application) -> AsyncIterator[None]:

@@ -85,6 +85,7 @@ class RedisEvents:
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._waiters = _Waiters()
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
 
     def _channel(self, h: str) -> str:
         return f"{self._p}:ev:{{{h}}}"
@@ -93,10 +94,12 @@ class RedisEvents:
         self._reader = asyncio.create_task(self._read(), name="refresh-events")
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
+            # redis-py can turn a cancellation into a connection error; `_closing` ends the
+            # loop in that case, and the wait is bounded either way.
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait({self._reader}, timeout=2.0)
             self._reader = None
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -127,7 +130,7 @@ class RedisEvents:
 
     async def _read(self) -> None:
         prefix = f"{self._p}:ev:{{".encode()
-        while True:
+        while not self._closing:
             if not self._pubsub.subscribed:
                 await asyncio.sleep(0.05)
                 continue
