@@ -234,3 +234,37 @@ async def test_redis_down_is_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.get("h")
     await store.close()
+
+
+async def test_redis_index_lists_session_and_expires_with_it(redis_prefix: str) -> None:
+    """The per-user and per-sid indexes hold the session hash and expire with the session."""
+    store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
+    sessions = SessionManager(store, Keyring.from_base64([KEY_A]), session_config())
+    created = await sessions.create(record(expires_at=time.time() + 300))
+    from sidecar.session.manager import subject_key
+
+    sid_key = subject_key("https://idp.example", "sid-1")
+    assert await store.sessions_of_sid(sid_key) == [created.h]
+    client = redis.Redis.from_url(REDIS_URL)
+    ttl = await client.ttl(f"{redis_prefix}:sid:{sid_key}")
+    await sessions.delete(created)
+    assert await store.sessions_of_sid(sid_key) == []
+    await client.aclose()
+    await store.close()
+    assert 290 < ttl <= 302
+
+
+async def test_idle_timeout_caps_ttl_and_use_extends_it(redis_prefix: str) -> None:
+    """With an idle timeout the record lives that long unless used; a use pushes it out."""
+    store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
+    config = SessionConfig(encryption_keys=[KEY_A], idle_timeout="10s")  # type: ignore[arg-type]
+    sessions = SessionManager(store, Keyring.from_base64([KEY_A]), config)
+    created = await sessions.create(record(expires_at=time.time() + 3600))
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"{redis_prefix}:s:{{{created.h}}}"
+    assert 9_000 < await client.pttl(key) <= 10_000
+    await client.pexpire(key, 5_000)  # as if 5 s had passed unused
+    assert await sessions.load(created.id) is not None
+    assert 9_000 < await client.pttl(key) <= 10_000
+    await client.aclose()
+    await store.close()

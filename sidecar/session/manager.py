@@ -27,6 +27,7 @@ log = logging.getLogger("sidecar.session")
 
 LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (DESIGN §4)
 _SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+_TOUCH_MEMORY: Final = 100_000  # sessions whose last idle-timeout touch time is remembered
 
 
 def subject_key(issuer: str, value: str) -> str:
@@ -72,6 +73,7 @@ class SessionManager:
         self._keyring = keyring
         self._config = config
         self._clock = clock
+        self._touched: dict[str, float] = {}
 
     async def load(self, session_id: str | None) -> Session | None:
         """The session named by a cookie value, or None for anything unusable."""
@@ -96,7 +98,19 @@ class SessionManager:
             await self.store.replace(
                 h, version, version, self._seal(session_id, h, record), self.ttl(record)
             )
+        elif self._config.idle_timeout:
+            await self._touch(h, record)
         return session
+
+    async def _touch(self, h: str, record: SessionRecord) -> None:
+        """Idle timeout: each use pushes the store TTL out again, at most every tenth of it."""
+        now = self._clock()
+        if self._touched.get(h, 0.0) > now - self._config.idle_timeout / 10:
+            return
+        if len(self._touched) > _TOUCH_MEMORY:
+            self._touched.clear()  # a bounded hint, not state: forgetting costs one write
+        self._touched[h] = now
+        await self.store.touch(h, self.ttl(record))
 
     async def create(self, record: SessionRecord) -> Session:
         """Store `record` under a brand-new id (no fixation) and index it."""
@@ -128,7 +142,11 @@ class SessionManager:
             log.warning("session index cleanup failed", extra={"session": session.h[:12]})
 
     def ttl(self, record: SessionRecord) -> float:
-        return max(0.001, record.expires_at - self._clock())
+        """Store TTL: the absolute end, or sooner with an idle timeout."""
+        remaining = record.expires_at - self._clock()
+        if self._config.idle_timeout:
+            remaining = min(remaining, self._config.idle_timeout)
+        return max(0.001, remaining)
 
     async def _index(self, h: str, record: SessionRecord) -> None:
         try:

@@ -49,6 +49,11 @@ class MemorySessionStore:
         self._attempts.pop(h, None)
         return True
 
+    async def touch(self, h: str, ttl: float) -> None:
+        entry = self._records.get(h)
+        if entry is not None:
+            self._records[h] = (entry[0], entry[1], self._clock() + ttl)
+
     async def mark_attempt(self, h: str, at: float) -> None:
         if h in self._records:
             self._attempts[h] = at

@@ -24,6 +24,15 @@ redis.call('HDEL', KEYS[1], 'a')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+# Add a session to an index, trim the expired ones, and keep the key as long as its longest
+# member (Redis 6.2 has no EXPIRE GT).
+_INDEX: Final = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] then redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(last[2])) + 1) end
+return 1
+"""
 # Marks "a refresh grant is about to be sent" on an existing record only (never creates one).
 _MARK_ATTEMPT: Final = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -41,6 +50,7 @@ class RedisSessionStore:
         self._owned = owned
         self._replace = client.register_script(_REPLACE)
         self._mark_attempt = client.register_script(_MARK_ATTEMPT)
+        self._index = client.register_script(_INDEX)
         self._closed = False
 
     @classmethod
@@ -76,6 +86,10 @@ class RedisSessionStore:
             )
         return bool(done)
 
+    async def touch(self, h: str, ttl: float) -> None:
+        async with _translated():
+            await self._redis.pexpire(self._key(h), _ms(ttl))
+
     async def mark_attempt(self, h: str, at: float) -> None:
         async with _translated():
             await self._mark_attempt(keys=[self._key(h)], args=[repr(at)])
@@ -99,14 +113,10 @@ class RedisSessionStore:
             return bool(await self._redis.delete(self._key(h)))
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
-        now = time.time()
-        async with _translated(), self._redis.pipeline(transaction=False) as pipe:
+        # Index keys live in other Cluster slots than the record: one call each (DESIGN §4).
+        async with _translated():
             for key in self._index_keys(user_key, sid_key):
-                pipe.zadd(key, {h: expires_at})
-                pipe.zremrangebyscore(key, "-inf", now)  # trim on add
-                pipe.expireat(key, int(expires_at) + 1, gt=True)
-                pipe.expireat(key, int(expires_at) + 1, nx=True)
-            await pipe.execute()
+                await self._index(keys=[key], args=[h, repr(expires_at), repr(time.time())])
 
     async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
         async with _translated(), self._redis.pipeline(transaction=False) as pipe:

@@ -30,6 +30,9 @@ class SessionStore(Protocol):
     async def attempt_mark(self, h: str) -> float | None:
         """When an unfinished refresh attempt was marked (a holder died mid-rotation), or None."""
 
+    async def touch(self, h: str, ttl: float) -> None:
+        """Set the record's TTL to `ttl` seconds if it still exists (idle timeout)."""
+
     async def delete(self, h: str) -> bool:
         """Remove the record; True if it existed."""
 
