@@ -30,6 +30,7 @@ from sidecar.appkeys import (
 )
 from sidecar.config import Config
 from sidecar.errors import StoreUnavailable
+from sidecar.forward_auth import forward_auth
 from sidecar.headers import ForwardedPolicy, identity_headers, injected_names
 from sidecar.health import Readiness, healthz, readyz
 from sidecar.logging import REQUEST_ID
@@ -111,6 +112,7 @@ def build_apps(
     main.router.add_route("GET", "/oauth2/sign_out", login.sign_out)
     main.router.add_route("POST", "/oauth2/sign_out", login.sign_out)
     main.router.add_get("/oauth2/userinfo", login.userinfo)
+    main.router.add_route("*", "/oauth2/auth", forward_auth)
     main.router.add_route("*", "/{tail:.*}", proxy)
 
     management = web.Application()

@@ -1,0 +1,45 @@
+"""`/oauth2/auth`: the forward-auth check for nginx `auth_request`, Traefik and Envoy (DESIGN §2).
+
+2xx with the identity headers the proxy would inject (the front proxy copies them upstream),
+401 without a usable session, 403 when the access rules refuse. Never a redirect: the front
+proxy decides what a browser sees (nginx: `error_page 401 = /oauth2/start?rd=$request_uri`).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar.access import allowed
+from sidecar.appkeys import CONFIG, COOKIES, REFRESHER, ROUTE, SESSIONS
+from sidecar.errors import SessionEnded
+from sidecar.headers import identity_headers
+from sidecar.responses import error_response
+
+__all__ = ["forward_auth"]
+
+
+async def forward_auth(request: web.Request) -> web.StreamResponse:
+    """202 and identity headers for a valid session; 401 or 403 otherwise."""
+    request[ROUTE] = "oauth2_auth"
+    config = request.app[CONFIG]
+    session = await request.app[SESSIONS].load(request.app[COOKIES].session_id(request))
+    if session is None:
+        return _unauthorized()
+    try:
+        session = await request.app[REFRESHER].ensure_fresh(session)
+    except SessionEnded:
+        return _unauthorized()
+    if not allowed(session.record.claims, (config.access,)):
+        return error_response(request, 403, "forbidden", "you are not allowed to see this")
+    response = web.Response(status=202, headers={"Cache-Control": "no-store"})
+    for name, value in identity_headers(session.record, config.inject):
+        response.headers[name] = value
+    return response
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response(
+        {"error": "unauthenticated", "message": "log in first", "login_url": "/oauth2/start"},
+        status=401,
+        headers={"WWW-Authenticate": 'Bearer realm="auth-sidecar"', "Cache-Control": "no-store"},
+    )
