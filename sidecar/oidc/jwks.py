@@ -28,7 +28,8 @@ class JWKSCache:
         self._fetch = fetch
         self._clock = clock
         self._keys: KeySet | None = None
-        self._fetched_at = float("-inf")
+        self._generation = 0  # bumped on every successful load
+        self._refetched_at = float("-inf")  # start-up loads do not count against the limit
         self._lock = asyncio.Lock()
 
     @property
@@ -41,10 +42,18 @@ class JWKSCache:
             return await self._load_locked()
 
     async def refetch(self) -> bool:
-        """Fetch again unless one happened recently; True if a new set was loaded."""
+        """Fetch again unless one happened recently; True if a newer set is now cached.
+
+        Concurrent callers with the same unknown `kid` share one fetch: whoever waited on
+        the lock sees the set loaded meanwhile. A failed fetch keeps the old set.
+        """
+        seen = self._generation
         async with self._lock:
-            if self._clock() - self._fetched_at < _MIN_REFETCH_INTERVAL:
+            if self._generation != seen:
+                return True
+            if self._clock() - self._refetched_at < _MIN_REFETCH_INTERVAL:
                 return False
+            self._refetched_at = self._clock()
             try:
                 await self._load_locked()
             except (ValueError, JoseError, IdPError):
@@ -52,7 +61,6 @@ class JWKSCache:
             return True
 
     async def _load_locked(self) -> KeySet:
-        self._fetched_at = self._clock()
         document = await self._fetch()
         if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
             raise ValueError("JWKS is not a JSON object with a keys list")
@@ -61,4 +69,5 @@ class JWKSCache:
             k for k in document["keys"] if isinstance(k, dict) and k.get("use") in (None, "sig")
         ]
         self._keys = KeySet.import_key_set({"keys": usable})
+        self._generation += 1
         return self._keys
