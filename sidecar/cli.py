@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the sidecar")
     _config_option(run)
     run.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
+    run.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.set_defaults(func=_run)
 
     check = commands.add_parser("check-config", help="validate a config file; connects nowhere")
@@ -83,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     configure_logging(config.logging.level)
-    run(config)
+    run(config, args.config, worker_slot=args.worker_slot)
     return 0
 
 

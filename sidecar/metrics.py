@@ -32,6 +32,7 @@ class Metrics:
             "sidecar_http_requests_in_flight",
             "Requests being handled now.",
             registry=self.registry,
+            multiprocess_mode="livesum",  # summed over live workers when server.workers > 1
         )
         self.upstream_errors = Counter(
             "sidecar_upstream_errors",

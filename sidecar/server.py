@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,31 +21,44 @@ from sidecar import __version__
 from sidecar.app import build_apps
 from sidecar.config import Address, Config
 from sidecar.errors import ConfigError
-from sidecar.health import READINESS
+from sidecar.health import READINESS, Readiness
 from sidecar.logging import AccessLogger
+from sidecar.supervisor import WORKER_DIR_ENV, run_workers, write_worker_status
 
 __all__ = ["main_runner_options", "run", "run_until_done", "serve"]
 
 log = logging.getLogger("sidecar")
 
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (by default: until SIGTERM or SIGINT)."""
+async def serve(
+    config: Config, stop: asyncio.Event | None = None, *, worker_slot: int | None = None
+) -> None:
+    """Serve until `stop` is set (by default: until SIGTERM or SIGINT).
+
+    As one of several workers (`worker_slot`), share the port with SO_REUSEPORT, leave the
+    management listener to the supervisor and report readiness to it through a file.
+    """
     main, management = build_apps(config)
     stop = stop or _stop_on_signals()
     main_runner = web.AppRunner(main, handle_signals=False, **main_runner_options(config))
     management_runner = web.AppRunner(management, handle_signals=False, access_log=None)
     await main_runner.setup()
     await management_runner.setup()
+    reporter: asyncio.Task[None] | None = None
     try:
-        await _start(main_runner, config.server.listen, "server.listen")
-        await _start(management_runner, config.management.listen, "management.listen")
+        shared = worker_slot is not None
+        await _start(main_runner, config.server.listen, "server.listen", reuse_port=shared)
+        if worker_slot is None:
+            await _start(management_runner, config.management.listen, "management.listen")
+        else:
+            reporter = asyncio.create_task(_report_status(main[READINESS], worker_slot))
         log.info(
             "listening",
             extra={
                 "version": __version__,
                 "listen": str(config.server.listen),
                 "management": str(config.management.listen),
+                "worker": worker_slot,
             },
         )
         await stop.wait()
@@ -53,7 +68,16 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     finally:
         await main_runner.cleanup()
         await management_runner.cleanup()
+        if reporter is not None:
+            reporter.cancel()
     log.info("stopped")
+
+
+async def _report_status(readiness: Readiness, slot: int) -> None:
+    directory = Path(os.environ[WORKER_DIR_ENV])
+    while True:
+        write_worker_status(directory, slot, readiness.snapshot())
+        await asyncio.sleep(0.5)
 
 
 def main_runner_options(config: Config) -> dict[str, Any]:
@@ -68,8 +92,12 @@ def main_runner_options(config: Config) -> dict[str, Any]:
     }
 
 
-async def _start(runner: web.AppRunner, address: Address, key: str) -> None:
-    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+async def _start(
+    runner: web.AppRunner, address: Address, key: str, *, reuse_port: bool = False
+) -> None:
+    site = web.TCPSite(
+        runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -86,14 +114,12 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def run(config: Config) -> None:
-    """Run the sidecar in this process on uvloop when it is installed."""
-    if config.server.workers > 1:
-        log.warning(
-            "server.workers > 1 is not implemented yet: running a single process",
-            extra={"workers": config.server.workers},
-        )
-    run_until_done(serve(config))
+def run(config: Config, config_path: str, worker_slot: int | None = None) -> None:
+    """Run the sidecar: in this process, as a worker, or as the supervisor of workers."""
+    if worker_slot is None and config.server.workers > 1:
+        run_until_done(run_workers(config, config_path))
+    else:
+        run_until_done(serve(config, worker_slot=worker_slot))
 
 
 def run_until_done(main: Coroutine[Any, Any, None]) -> None:
