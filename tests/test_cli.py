@@ -238,7 +238,7 @@ def test_run_workers_override_reaches_server(
     import sidecar.server
 
     seen: list[Config] = []
-    monkeypatch.setattr(sidecar.server, "run", seen.append)
+    monkeypatch.setattr(sidecar.server, "run", lambda config, *_, **__: seen.append(config))
     monkeypatch.setattr(sidecar.logging, "configure_logging", lambda level: None)
     data = config_dict()
     path = write_config(tmp_path, data)
@@ -255,7 +255,7 @@ def test_run_without_override_uses_file(tmp_path: Path, monkeypatch: pytest.Monk
     import sidecar.server
 
     seen: list[Config] = []
-    monkeypatch.setattr(sidecar.server, "run", seen.append)
+    monkeypatch.setattr(sidecar.server, "run", lambda config, *_, **__: seen.append(config))
     monkeypatch.setattr(sidecar.logging, "configure_logging", lambda level: None)
     data = config_dict()
     data["server"]["workers"] = 5
@@ -290,23 +290,3 @@ def test_run_port_in_use_exits_1(tmp_path: Path) -> None:
     assert "management.listen: cannot listen on 127.0.0.1:" in result.stderr
     assert "address already in use" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_run_warns_that_workers_run_as_one_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """server.workers > 1 is not implemented: `run` says so instead of ignoring it silently."""
-    import sidecar.logging
-    import sidecar.server
-
-    served: list[Config] = []
-
-    async def serve(config: Config, stop: Any = None) -> None:
-        served.append(config)
-
-    monkeypatch.setattr(sidecar.server, "serve", serve)
-    monkeypatch.setattr(sidecar.logging, "configure_logging", lambda level: None)
-    path = write_config(tmp_path, config_dict())
-    assert cli.main(["run", "--config", str(path), "--workers", "2"]) == 0
-    assert served[0].server.workers == 2
-    assert "server.workers > 1 is not implemented yet" in caplog.text
