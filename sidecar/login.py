@@ -21,7 +21,7 @@ from yarl import URL
 from sidecar.appkeys import CONFIG, COOKIES, OIDC, ROUTE, SESSIONS
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
-from sidecar.oidc.tokens import access_token_lifetime, user_claims
+from sidecar.oidc.tokens import access_token_expiry, user_claims
 from sidecar.responses import error_response, is_navigation
 from sidecar.session import PendingLogin, SessionRecord
 
@@ -126,6 +126,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if not code or len(code) > _MAX_CODE:
         return _login_failed(request, 400, "invalid_request", "The login link is incomplete.")
 
+    requested_at = time.time()
     try:
         tokens = await client.exchange_code(code, pending.code_verifier)
         if tokens.id_token is None:
@@ -145,13 +146,13 @@ async def callback(request: web.Request) -> web.StreamResponse:
         # §5.3.4: userinfo is about the ID token's subject or it is ignored.
         claims = {**profile, **claims}
     now = time.time()
-    access_expires = now + access_token_lifetime(tokens, now)
+    access_expires = access_token_expiry(tokens, requested_at)
     expires_at = now + config.session.lifetime
     refresh_expires = None
     if tokens.refresh_token is None:
         expires_at = min(expires_at, access_expires)
     elif tokens.refresh_expires_in:
-        refresh_expires = now + tokens.refresh_expires_in
+        refresh_expires = requested_at + tokens.refresh_expires_in
         expires_at = min(expires_at, refresh_expires)
     record = SessionRecord(
         issuer=str(claims["iss"]),
@@ -164,7 +165,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         refresh_expires_at=refresh_expires,
         id_token=tokens.id_token,
         created_at=now,
-        refreshed_at=now,
+        refreshed_at=requested_at,
         expires_at=expires_at,
     )
     # Re-login always leaves the newest token set: the browser's old session goes.

@@ -11,7 +11,7 @@ from joserfc.jws import extract_compact
 
 from sidecar.oidc.client import TokenResponse
 
-__all__ = ["access_token_lifetime", "user_claims"]
+__all__ = ["access_token_expiry", "user_claims"]
 
 DEFAULT_ACCESS_TTL: Final = 3600.0  # neither expires_in nor a JWT exp: assume an hour
 # ID-token claims about the token itself, not the user: not kept in the session.
@@ -25,17 +25,28 @@ def user_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in claims.items() if k not in _TOKEN_CLAIMS}
 
 
-def access_token_lifetime(tokens: TokenResponse, now: float) -> float:
-    """Seconds the access token lives: `expires_in`, else its JWT `exp` (DESIGN §5 step 6).
+def access_token_expiry(tokens: TokenResponse, requested_at: float) -> float:
+    """When the access token stops working, as a Unix time (DESIGN §5 step 6).
 
-    The JWT is not verified: its `exp` only schedules our next refresh.
+    `expires_in` counts from when the IdP issued the token, which is after we sent the
+    request: counting from `requested_at` errs early, never late. A JWT `exp` earlier than
+    that (IdPs round issue times down) wins. The JWT is not verified: its `exp` only
+    schedules our next refresh.
     """
+    candidates = []
     if tokens.expires_in:
-        return tokens.expires_in
+        candidates.append(requested_at + tokens.expires_in)
+    exp = _jwt_exp(tokens.access_token)
+    if exp is not None:
+        candidates.append(exp)
+    return min(candidates) if candidates else requested_at + DEFAULT_ACCESS_TTL
+
+
+def _jwt_exp(token: str) -> float | None:
     try:
-        exp = json.loads(extract_compact(tokens.access_token.encode()).payload).get("exp")
+        exp = json.loads(extract_compact(token.encode()).payload).get("exp")
     except (JoseError, ValueError, AttributeError):
-        return DEFAULT_ACCESS_TTL
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and exp > now:
-        return float(exp) - now
-    return DEFAULT_ACCESS_TTL
+        return None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    return None

@@ -26,11 +26,12 @@ from sidecar.errors import (
     InvalidIDToken,
     RefreshUnavailable,
     SessionEnded,
+    StoreUnavailable,
     TokenRequestError,
 )
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient, TokenResponse
-from sidecar.oidc.tokens import access_token_lifetime, user_claims
+from sidecar.oidc.tokens import access_token_expiry, user_claims
 from sidecar.refresh.events import ENDED, FAILED, REFRESHED, Events
 from sidecar.refresh.locks import Locks
 from sidecar.session import Session, SessionManager, SessionRecord
@@ -43,12 +44,20 @@ _MAX_ROUNDS: Final = 3  # lock attempts per refresh before giving up with 503
 _POLL_INTERVAL: Final = 0.25  # seconds between a waiter's record re-reads (its real guarantee)
 _WATCHDOG_MARGIN: Final = 5.0  # the lock may outlive the IdP timeout by this much, no more
 _BACKOFF_BASE, _BACKOFF_MAX = 1.0, 60.0  # seconds; after transient failures, with jitter
+# A token this close to expiry is not forwarded: it would expire in transit or at the
+# upstream's own check (and our clock may be a little behind the IdP's). Seconds, at most a
+# tenth of the token's lifetime.
+_STILL_VALID: Final = 1.0
 
 
 def refresh_window(record: SessionRecord, before_expiry: float) -> float:
     """Refresh when less than `min(before_expiry, lifetime / 2)` is left (DESIGN §5 step 1)."""
     lifetime = max(0.0, record.access_expires_at - record.refreshed_at)
     return min(before_expiry, lifetime / 2)
+
+
+def _margin(record: SessionRecord) -> float:
+    return min(_STILL_VALID, (record.access_expires_at - record.refreshed_at) / 10)
 
 
 class Refresher:
@@ -105,11 +114,11 @@ class Refresher:
         if left > refresh_window(record, self._config.before_expiry):
             return True
         if record.refresh_token is None:
-            if left > 0:
+            if left > _margin(record):
                 return True
             raise SessionEnded("access token expired and there is no refresh token")
         if record.next_attempt_at is not None and record.next_attempt_at > now:
-            return left > 0
+            return left > _margin(record)
         return None
 
     def _unavailable(self, record: SessionRecord) -> NoReturn:
@@ -197,8 +206,10 @@ class Refresher:
         record = session.record
         assert record.refresh_token is not None  # _usable returned None only with one
         interrupted = await self._sessions.store.attempt_mark(session.h)
-        await self._sessions.store.mark_attempt(session.h, self._clock())
-        watchdog = asyncio.create_task(self._keep_lock(session.h, owner))
+        requested_at = self._clock()
+        await self._sessions.store.mark_attempt(session.h, requested_at)
+        done = asyncio.Event()
+        watchdog = asyncio.create_task(self._keep_lock(session.h, owner, done))
         started = time.perf_counter()
         try:
             tokens = await self._oidc.refresh(record.refresh_token)
@@ -228,11 +239,13 @@ class Refresher:
             raise SessionEnded(str(exc), reason="invalid_id_token") from exc
         finally:
             self._metrics.idp_latency.observe(time.perf_counter() - started)
+            # Stop by flag, not only by cancellation: redis-py may swallow a cancellation,
+            # and a watchdog failure must never replace the grant's outcome.
+            done.set()
             watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            await asyncio.wait({watchdog}, timeout=1.0)
 
-        updated = self._refreshed_record(record, tokens, claims)
+        updated = self._refreshed_record(record, tokens, claims, requested_at)
         if not await self._sessions.save(session, updated):
             latest = await self._sessions.load(session.id)
             if latest is None:
@@ -247,14 +260,21 @@ class Refresher:
         await self._events.publish(session.h, REFRESHED)
         return session.with_record(updated), "refreshed"
 
-    async def _keep_lock(self, h: str, owner: str) -> None:
+    async def _keep_lock(self, h: str, owner: str, done: asyncio.Event) -> None:
         """Extend the lock while the IdP call runs, up to the IdP timeout plus a margin."""
         ttl = self._config.lock_ttl
         limit = time.monotonic() + self._config.idp_timeout + _WATCHDOG_MARGIN
-        while time.monotonic() < limit:
-            await asyncio.sleep(ttl / 3)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), ttl / 3)
             remaining = limit - time.monotonic()
-            if remaining <= 0 or not await self._locks.extend(h, owner, min(ttl, remaining + 1)):
+            if done.is_set() or remaining <= 0:
+                return
+            try:
+                if not await self._locks.extend(h, owner, min(ttl, remaining + 1)):
+                    return
+            except StoreUnavailable:
+                log.warning("refresh lock not extended", extra={"session": h[:12]})
                 return
 
     async def _failed(
@@ -279,29 +299,31 @@ class Refresher:
         if not saved:
             raise SessionEnded("session ended during refresh", reason="ended_during_refresh")
         updated = session.with_record(failed)
-        if record.access_expires_at > self._clock():
+        if record.access_expires_at - self._clock() > _margin(record):
             return updated, outcome
         self._unavailable(failed)
 
     def _refreshed_record(
-        self, record: SessionRecord, tokens: TokenResponse, claims: dict[str, object]
+        self,
+        record: SessionRecord,
+        tokens: TokenResponse,
+        claims: dict[str, object],
+        requested_at: float,
     ) -> SessionRecord:
-        now = self._clock()
         refresh_expires = record.refresh_expires_at
         expires_at = record.expires_at
         if tokens.refresh_expires_in:
-            refresh_expires = now + tokens.refresh_expires_in
+            refresh_expires = requested_at + tokens.refresh_expires_in
             expires_at = min(expires_at, refresh_expires)
-        ttl = access_token_lifetime(tokens, now)
         return record.evolve(
             version=record.version + 1,
             access_token=tokens.access_token,
-            access_expires_at=now + ttl,
+            access_expires_at=access_token_expiry(tokens, requested_at),
             refresh_token=tokens.refresh_token or record.refresh_token,
             refresh_expires_at=refresh_expires,
             id_token=tokens.id_token or record.id_token,
             claims=claims,
-            refreshed_at=now,
+            refreshed_at=requested_at,
             expires_at=expires_at,
             next_attempt_at=None,
             failed_attempts=0,
