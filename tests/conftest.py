@@ -148,9 +148,10 @@ class SidecarProcess:
 
     def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None):
         self.config = config
-        self.path = tmp_path / "sidecar.yaml"
+        self.path = tmp_path / f"sidecar-{config['server']['listen'].rsplit(':', 1)[1]}.yaml"
         self.path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp_path / "sidecar.log"
+        # One log per process: replicas of one test must not write over each other.
+        self.log_path = tmp_path / f"sidecar-{config['server']['listen'].rsplit(':', 1)[1]}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--config", str(self.path)],
