@@ -75,7 +75,7 @@ def build_apps(
         store = (
             MemorySessionStore()
             if config.session.store == "memory"
-            else RedisSessionStore.from_url(config.redis.url, config.redis.key_prefix)
+            else RedisSessionStore.from_config(config.redis)
         )
     locks: Locks
     events: Events

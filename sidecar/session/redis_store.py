@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Final
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from sidecar.config import RedisConfig
 from sidecar.errors import StoreUnavailable
+from sidecar.session import redis_connect
+from sidecar.session.redis_connect import RedisClient
 
 __all__ = ["RedisSessionStore"]
 
+# A new record replaces whatever was under its key, atomically (one key: any topology; a
+# MULTI pipeline would need a same-slot transaction on Redis Cluster).
+_CREATE: Final = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 # Fenced compare-and-set: write only if the record still exists at the version read, so a
 # deleted (logged-out) session is never resurrected and a stale writer never wins.
 _REPLACE: Final = """
@@ -42,23 +52,31 @@ return 1
 
 
 class RedisSessionStore:
-    """Sealed records as hashes `{v, d}` under `p:s:{h}`; indexes as sorted sets."""
+    """Sealed records as hashes `{v, d}` under `p:s:{h}`; indexes as sorted sets.
 
-    def __init__(self, client: redis.Redis, prefix: str, *, owned: bool = True) -> None:
+    Works on every topology `redis_connect` builds: each script touches one key, and the
+    record, lock and event channel of a session share the hash tag `{h}` (one Cluster slot).
+    """
+
+    def __init__(self, client: RedisClient, prefix: str, *, owned: bool = True) -> None:
         self._redis = client
         self._p = prefix
         self._owned = owned
+        self._create = client.register_script(_CREATE)
         self._replace = client.register_script(_REPLACE)
         self._mark_attempt = client.register_script(_MARK_ATTEMPT)
         self._index = client.register_script(_INDEX)
         self._closed = False
 
     @classmethod
+    def from_config(cls, config: RedisConfig) -> RedisSessionStore:
+        """A store owning a client for the configured topology (standalone, Sentinel, Cluster)."""
+        return cls(redis_connect.connect(config), config.key_prefix)
+
+    @classmethod
     def from_url(cls, url: str, prefix: str) -> RedisSessionStore:
-        client = redis.Redis.from_url(
-            url, decode_responses=False, socket_connect_timeout=2.0, socket_timeout=5.0
-        )
-        return cls(client, prefix)
+        """A store on one standalone server (tests and tools)."""
+        return cls.from_config(RedisConfig(url=url, key_prefix=prefix))
 
     def _key(self, h: str) -> str:
         return f"{self._p}:s:{{{h}}}"
@@ -71,11 +89,8 @@ class RedisSessionStore:
         return int(version), _as_bytes(sealed)
 
     async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
-        async with _translated(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(h))
-            pipe.hset(self._key(h), mapping={"v": version, "d": sealed})
-            pipe.pexpire(self._key(h), _ms(ttl))
-            await pipe.execute()
+        async with _translated():
+            await self._create(keys=[self._key(h)], args=[version, sealed, _ms(ttl)])
 
     async def replace(
         self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
@@ -100,7 +115,7 @@ class RedisSessionStore:
         return float(value) if value is not None else None
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> RedisClient:
         """The connection pool, shared with the refresh lock and event channel."""
         return self._redis
 
@@ -119,10 +134,10 @@ class RedisSessionStore:
                 await self._index(keys=[key], args=[h, repr(expires_at), repr(time.time())])
 
     async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
-        async with _translated(), self._redis.pipeline(transaction=False) as pipe:
+        # One command per key: index keys may live on different Cluster nodes.
+        async with _translated():
             for key in self._index_keys(user_key, sid_key):
-                pipe.zrem(key, h)
-            await pipe.execute()
+                await self._redis.zrem(key, h)
 
     async def sessions_of_sid(self, sid_key: str) -> list[str]:
         async with _translated():
@@ -155,7 +170,8 @@ class RedisSessionStore:
             return
         self._closed = True
         if self._owned:
-            await self._redis.aclose()
+            with suppress(RedisError, OSError):
+                await redis_connect.close(self._redis)
 
 
 def _as_bytes(value: object) -> bytes:
