@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final, Protocol
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreUnavailable
+from sidecar.session.redis_connect import RedisClient
 
 __all__ = ["Locks", "MemoryLocks", "RedisLocks"]
 
@@ -44,9 +44,13 @@ class Locks(Protocol):
 
 
 class RedisLocks:
-    """`SET p:lock:{h} <owner> NX PX ttl`, shared by every replica."""
+    """`SET p:lock:{h} <owner> NX PX ttl`, shared by every replica.
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    Each script touches the lock key only, so it runs on a Cluster too, on the node that
+    holds the session's slot.
+    """
+
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self._redis = client
         self._p = prefix
         self._release = client.register_script(_RELEASE)
