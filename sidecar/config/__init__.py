@@ -3,6 +3,7 @@
 from sidecar.config.load import load_config, parse_config
 from sidecar.config.models import (
     AccessConfig,
+    ClusterConfig,
     Config,
     InjectConfig,
     LoggingConfig,
@@ -10,6 +11,7 @@ from sidecar.config.models import (
     OIDCConfig,
     RedisConfig,
     RefreshConfig,
+    SentinelConfig,
     ServerConfig,
     SessionConfig,
     UpstreamConfig,
@@ -19,6 +21,7 @@ from sidecar.config.types import Address, parse_duration
 __all__ = [
     "AccessConfig",
     "Address",
+    "ClusterConfig",
     "Config",
     "InjectConfig",
     "LoggingConfig",
@@ -26,6 +29,7 @@ __all__ = [
     "OIDCConfig",
     "RedisConfig",
     "RefreshConfig",
+    "SentinelConfig",
     "ServerConfig",
     "SessionConfig",
     "UpstreamConfig",

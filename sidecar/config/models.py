@@ -26,6 +26,7 @@ from sidecar.config.types import Duration, ListenAddress
 
 __all__ = [
     "AccessConfig",
+    "ClusterConfig",
     "Config",
     "InjectConfig",
     "LoggingConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "OIDCConfig",
     "RedisConfig",
     "RefreshConfig",
+    "SentinelConfig",
     "ServerConfig",
     "SessionConfig",
     "UpstreamConfig",
@@ -158,9 +160,39 @@ class SessionConfig(_Section):
         return self
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+class SentinelConfig(_Section):
+    master_name: str = Field(min_length=1)
+    addresses: list[HostPort] = Field(min_length=1, description="sentinels as host:port")
+    password: SecretStr | None = Field(None, description="the sentinels' own password")
+    username: str | None = None
+
+
+class ClusterConfig(_Section):
+    nodes: list[HostPort] = Field(min_length=1, description="seed nodes as host:port")
+
+
 class RedisConfig(_Section):
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="standalone server; with sentinel or cluster only scheme, "
+        "credentials and database are used",
+    )
+    username: str | None = Field(None, description="ACL user (or in the URL)")
+    password: SecretStr | None = Field(None, description="password (or in the URL)")
+    tls_ca_file: str | None = Field(None, description="CA bundle for rediss://")
     key_prefix: str = Field("sidecar", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    sentinel: SentinelConfig | None = None
+    cluster: ClusterConfig | None = None
 
     @field_validator("url")
     @classmethod
@@ -169,6 +201,14 @@ class RedisConfig(_Section):
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {scheme!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> Self:
+        if self.sentinel is not None and self.cluster is not None:
+            raise ValueError("cluster: choose either sentinel or cluster, not both")
+        if self.tls_ca_file is not None and URL(self.url).scheme != "rediss":
+            raise ValueError("tls_ca_file: only used with a rediss:// URL")
+        return self
 
 
 class RefreshConfig(_Section):
