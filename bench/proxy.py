@@ -1,0 +1,677 @@
+"""Side-by-side proxy benchmark (issue 7): one command, one run, alternating rows, one table.
+
+    .venv/bin/python bench/proxy.py [--duration 10] [--connections 50] [--rounds 2]
+
+Everything listens on 127.0.0.1 on free ports and is stopped at exit:
+
+* upstream: nginx (Debian `nginx-light`) answering a small static body, in its own temp
+  prefix, `daemon off;`; without nginx, a fast Python (uvloop + aiohttp) upstream instead;
+* an nginx reverse proxy to it (skipped without nginx);
+* a bare aiohttp pass-through proxy written here (uvloop, one ClientSession, streamed bodies):
+  the floor for any aiohttp proxy;
+* the sidecar (`python -m sidecar run`), 1 worker, memory store: one row on a public path,
+  one row with an authenticated session (cookie from a real login at the dev IdP);
+* the sidecar with 2 workers, Redis store (127.0.0.1:6379, unique key prefix), public path.
+
+Load comes from `wrk` (Debian package `wrk`); the script installs nothing. The sidecar's
+access log is off (`logging.access_log: false`) so it does the same work as the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+PATH = "/public/bench"  # public on every sidecar; every row requests the same path
+BODY = "hello from the upstream, a small static response\n"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+COOKIE = "sidecar_bench"
+CLIENT_ID = "bench"
+CLIENT_SECRET = "bench-client-secret"
+
+TARGETS = {
+    "auth_vs_bare": 0.95,  # authenticated ≥ 0.95 x bare aiohttp proxy
+    "w2_vs_w1": 1.6,  # 2 workers ≥ 1.6 x 1 worker
+    "w2_vs_nginx": 0.25,  # 2 workers ≥ 0.25 x nginx reverse proxy
+    "p99_added_ms": 1.0,  # sidecar p99 - bare proxy p99 ≤ 1 ms
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+# --- the bare aiohttp pass-through proxy (runs as `bench/proxy.py --bare-proxy PORT URL`) ---
+
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    )
+)
+
+
+def run_bare_proxy(port: int, upstream: str) -> None:
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+
+    async def main() -> None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+            body = request.content if request.body_exists else None
+            async with session.request(
+                request.method,
+                upstream + request.raw_path,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            ) as up:
+                resp = web.StreamResponse(status=up.status, reason=up.reason)
+                for k, v in up.headers.items():
+                    if k.lower() not in HOP_BY_HOP:
+                        resp.headers.add(k, v)
+                if up.content_length is not None:
+                    resp.content_length = up.content_length
+                await resp.prepare(request)
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+
+        server = web.Server(handle)
+        runner = web.ServerRunner(server, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+            await session.close()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvloop.run(main())
+
+
+def run_python_upstream(port: int) -> None:
+    """Fallback upstream when nginx is missing: uvloop + aiohttp's low-level server."""
+    import uvloop
+    from aiohttp import web
+
+    payload = BODY.encode()
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=payload, content_type="text/plain")
+
+    async def main() -> None:
+        runner = web.ServerRunner(web.Server(handle), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        await asyncio.Event().wait()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvloop.run(main())
+
+
+# --- process management ---------------------------------------------------------------
+
+
+class Procs:
+    """Every child process, stopped in reverse order at exit."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+NGINX_CONF = """
+daemon off;
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    {upstream_block}
+    server {{
+        listen {host}:{port};
+        {location}
+    }}
+}}
+"""
+
+
+def start_nginx(procs: Procs, name: str, port: int, proxy_to: str | None) -> None:
+    prefix = procs.tmp / name
+    prefix.mkdir()
+    if proxy_to is None:
+        upstream_block = ""
+        location = (
+            "location / { default_type text/plain; return 200 '" + BODY.rstrip("\n") + "\\n'; }"
+        )
+    else:
+        upstream_block = f"upstream backend {{ server {proxy_to}; keepalive 64; }}"
+        location = (
+            "location / { proxy_pass http://backend; proxy_http_version 1.1; "
+            'proxy_set_header Connection ""; proxy_set_header Host $host; }'
+        )
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            workers="auto",
+            prefix=prefix,
+            host=HOST,
+            port=port,
+            upstream_block=upstream_block,
+            location=location,
+        )
+    )
+    proc = procs.start(name, ["nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr"])
+    wait_http(f"http://{HOST}:{port}{PATH}", proc=proc)
+
+
+# --- the dev IdP, in a thread of this process ------------------------------------------
+
+
+class ThreadedIdP:
+    def __init__(self, port: int, redirect_bases: list[str]) -> None:
+        from aiohttp import web
+
+        from sidecar.devidp import DevClient, DevIdP, default_users
+
+        self.issuer = f"http://{HOST}:{port}"
+        client = DevClient(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            tuple(b + "/oauth2/callback" for b in redirect_bases),
+            tuple(b + "/" for b in redirect_bases),
+        )
+        # Tokens outlive the benchmark: no refresh happens during a measurement.
+        self.idp = DevIdP(
+            self.issuer,
+            clients={CLIENT_ID: client},
+            users=default_users(),
+            access_token_ttl=6 * 3600.0,
+            refresh_token_ttl=12 * 3600.0,
+        )
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            runner = web.AppRunner(self.idp.app(), access_log=None)
+            self._loop.run_until_complete(runner.setup())
+            self._loop.run_until_complete(web.TCPSite(runner, HOST, port).start())
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="dev-idp", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("dev IdP did not start")
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def login(base: str, user: str = "alice") -> str:
+    """Log in through the sidecar and the dev IdP, following redirects by hand; the cookie."""
+    import http.cookiejar
+
+    jar = http.cookiejar.CookieJar()
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), NoRedirect)
+
+    def get(url: str) -> str:
+        req = urllib.request.Request(url, headers={"Accept": "text/html"})
+        try:
+            with opener.open(req, timeout=10) as r:
+                raise RuntimeError(f"login: {url} answered {r.status}, expected a redirect")
+        except urllib.error.HTTPError as e:
+            if e.code not in (302, 303):
+                raise RuntimeError(f"login: {url} answered {e.code}: {e.read()[:300]!r}") from e
+            location = e.headers["Location"]
+            return location if "://" in location else base + location
+
+    start = get(base + "/private/page")
+    authorize = get(start)
+    callback = get(authorize + "&login_hint=" + user)
+    get(callback)
+    for c in jar:
+        if c.name == COOKIE:
+            return f"{c.name}={c.value}"
+    raise RuntimeError("login: no session cookie was set")
+
+
+# --- the sidecar ------------------------------------------------------------------------
+
+
+@dataclass
+class Sidecar:
+    name: str
+    base: str
+    management: str
+    proc: subprocess.Popen[bytes]
+
+
+def start_sidecar(
+    procs: Procs, name: str, port: int, issuer: str, upstream: str, workers: int, prefix: str
+) -> Sidecar:
+    import yaml
+
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    mport = free_port()
+    base = f"http://{HOST}:{port}"
+    session: dict[str, Any] = {
+        "store": "redis" if workers > 1 else "memory",
+        "cookie_name": COOKIE,
+        "cookie_secure": False,
+        "encryption_keys": [key],
+    }
+    config: dict[str, Any] = {
+        "server": {"listen": f"{HOST}:{port}", "public_url": base, "workers": workers},
+        "management": {"listen": f"{HOST}:{mport}"},
+        "oidc": {
+            "issuer": issuer,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "scopes": ["openid", "email", "profile", "offline_access"],
+            "post_logout_redirect_url": base + "/",
+        },
+        "session": session,
+        "upstreams": [{"path": "/", "url": upstream}],
+        "public_paths": ["/public/"],
+        "logging": {"level": "warning", "access_log": False},
+    }
+    if workers > 1:
+        config["redis"] = {"url": REDIS_URL, "key_prefix": prefix}
+    path = procs.tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = procs.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(path)])
+    try:
+        wait_http(f"http://{HOST}:{mport}/readyz", timeout=30, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        raise RuntimeError(f"{name} did not start: {e}\n{procs.log(name)}") from e
+    return Sidecar(name, base, f"http://{HOST}:{mport}", proc)
+
+
+def rss_mib(proc: subprocess.Popen[bytes]) -> list[tuple[int, str, float]]:
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    out = [(p.pid, "supervisor" if p.children() else "process", p.memory_info().rss / 2**20)]
+    for child in p.children(recursive=True):
+        out.append((child.pid, "worker", child.memory_info().rss / 2**20))
+    return out
+
+
+# --- wrk --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: str
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"unparsed latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> Result:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and p50 and p99):
+        raise RuntimeError(f"could not parse wrk output:\n{out}")
+    errors = []
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        errors.append(f"{non2xx.group(1)} non-2xx")
+    sock = re.search(r"Socket errors:(.*)", out)
+    if sock:
+        errors.append("socket errors:" + sock.group(1))
+    return Result(float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), "; ".join(errors))
+
+
+def wrk(url: str, connections: int, duration: float, headers: list[str]) -> Result:
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    for h in headers:
+        argv += ["-H", h]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+# --- Redis probe --------------------------------------------------------------------------
+
+
+def redis_commands_per_request(base: str, cookie: str, n: int = 500) -> float:
+    """Authenticated requests against the Redis-backed sidecar; commands/request from INFO."""
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+
+    def processed() -> int:
+        return int(r.info("stats")["total_commands_processed"])
+
+    idle0 = processed()
+    idle1 = processed()  # what the INFO calls and background traffic cost on their own
+    req = urllib.request.Request(base + "/private/x", headers={"Cookie": cookie})
+    before = processed()
+    for _ in range(n):
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"authenticated request answered {resp.status}")
+    after = processed()
+    r.close()
+    return max(0, (after - before) - (idle1 - idle0)) / n
+
+
+def redis_bytes_per_session(prefix: str) -> tuple[int, int] | None:
+    """(keys, bytes) of MEMORY USAGE over the session keys under `prefix`."""
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k for k in r.scan_iter(match=f"{prefix}:*", count=1000) if b":s:" in k]
+        total = sum(int(r.memory_usage(k) or 0) for k in keys)
+        return (len(keys), total) if keys else None
+    finally:
+        r.close()
+
+
+def redis_cleanup(prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        for k in r.scan_iter(match=f"{prefix}:*", count=1000):
+            r.delete(k)
+    finally:
+        r.close()
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "—"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; best wins")
+    parser.add_argument("--warmup", type=float, default=1, help="seconds of warm-up per row")
+    parser.add_argument(
+        "--bare-proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--python-upstream", metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_proxy:
+        run_bare_proxy(int(args.bare_proxy[0]), args.bare_proxy[1])
+        return 0
+    if args.python_upstream:
+        run_python_upstream(int(args.python_upstream))
+        return 0
+
+    if shutil.which("wrk") is None:
+        print(
+            "wrk is not installed: `apt-get install wrk` (Debian/Ubuntu), then run again.",
+            file=sys.stderr,
+        )
+        return 2
+    have_nginx = shutil.which("nginx") is not None
+    if not have_nginx:
+        print(
+            "nginx not found (`apt-get install nginx-light`): using a Python upstream and "
+            "skipping the nginx reverse proxy row.",
+            file=sys.stderr,
+        )
+
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    procs = Procs(tmp)
+    idp: ThreadedIdP | None = None
+    prefix = f"bench-{os.getpid()}-{secrets.token_hex(4)}"
+    me = str(Path(__file__).resolve())
+    try:
+        ports = {k: free_port() for k in ("up", "nginx", "bare", "sc1", "sc2", "idp")}
+        upstream = f"{HOST}:{ports['up']}"
+        if have_nginx:
+            start_nginx(procs, "upstream", ports["up"], None)
+            start_nginx(procs, "nginx-proxy", ports["nginx"], upstream)
+        else:
+            p = procs.start("upstream", [sys.executable, me, "--python-upstream", str(ports["up"])])
+            wait_http(f"http://{upstream}{PATH}", proc=p)
+        p = procs.start(
+            "bare-proxy",
+            [sys.executable, me, "--bare-proxy", str(ports["bare"]), "http://" + upstream],
+        )
+        wait_http(f"http://{HOST}:{ports['bare']}{PATH}", proc=p)
+        bases = [f"http://{HOST}:{ports['sc1']}", f"http://{HOST}:{ports['sc2']}"]
+        idp = ThreadedIdP(ports["idp"], bases)
+        sc1 = start_sidecar(
+            procs, "sidecar-1w", ports["sc1"], idp.issuer, "http://" + upstream, 1, prefix
+        )
+        sc2 = start_sidecar(
+            procs, "sidecar-2w", ports["sc2"], idp.issuer, "http://" + upstream, 2, prefix
+        )
+        cookie = login(sc1.base)
+        cookie2 = login(sc2.base)
+
+        rows: list[tuple[str, str, list[str]]] = [
+            ("direct upstream", f"http://{upstream}{PATH}", []),
+        ]
+        if have_nginx:
+            rows.append(("nginx reverse proxy", f"http://{HOST}:{ports['nginx']}{PATH}", []))
+        rows += [
+            ("bare aiohttp proxy", f"http://{HOST}:{ports['bare']}{PATH}", []),
+            ("sidecar public (1 worker)", sc1.base + PATH, []),
+            (
+                "sidecar authenticated (1 worker)",
+                sc1.base + "/private/bench",
+                [f"Cookie: {cookie}"],
+            ),
+            ("sidecar public (2 workers, Redis)", sc2.base + PATH, []),
+        ]
+        # Every row must answer 200 before anything is measured.
+        for name, url, headers in rows:
+            req = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"{name}: {url} answered {r.status}")
+
+        results: dict[str, list[Result]] = {name: [] for name, _, _ in rows}
+        if args.warmup > 0:
+            for _name, url, headers in rows:
+                wrk(url, args.connections, args.warmup, headers)
+        for rnd in range(args.rounds):
+            order = rows if rnd % 2 == 0 else list(reversed(rows))
+            for name, url, headers in order:
+                res = wrk(url, args.connections, args.duration, headers)
+                results[name].append(res)
+                print(
+                    f"round {rnd + 1}: {name:36} {res.rps:10.0f} req/s  p50 {res.p50_ms:.2f} ms"
+                    f"  p99 {res.p99_ms:.2f} ms {res.errors}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        best = {name: max(rs, key=lambda r: r.rps) for name, rs in results.items()}
+        bare = best["bare aiohttp proxy"].rps
+        nginx = best["nginx reverse proxy"].rps if have_nginx else None
+
+        rss = {sc.name: rss_mib(sc.proc) for sc in (sc1, sc2)}
+        cmds = redis_commands_per_request(sc2.base, cookie2)
+        mem = redis_bytes_per_session(prefix)
+
+        print()
+        print(
+            f"wrk -t2 -c{args.connections} -d{args.duration:g}s --latency, best of "
+            f"{args.rounds} alternating round(s); {os.cpu_count()} CPUs; upstream: "
+            f"{'nginx' if have_nginx else 'Python (nginx missing)'}; sidecar access log off"
+        )
+        print()
+        print("| row | req/s | p50 ms | p99 ms | x bare aiohttp | x nginx proxy |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, _, _ in rows:
+            r = best[name]
+            err = f" ⚠ {r.errors}" if r.errors else ""
+            print(
+                f"| {name}{err} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+                f"| {ratio(r.rps, bare)} | {ratio(r.rps, nginx)} |"
+            )
+        print()
+        print("RSS per sidecar process (after the runs):")
+        for name, procs_rss in rss.items():
+            for pid, role, mib in procs_rss:
+                print(f"- {name} pid {pid} ({role}): {mib:.1f} MiB")
+        print(
+            "Redis commands per authenticated request: n/a on the 1-worker row (memory store); "
+            f"{cmds:.2f} on the 2-worker Redis sidecar (500 sequential requests, INFO delta)"
+        )
+        if mem:
+            print(
+                f"Redis MEMORY USAGE per session key: {mem[1] / mem[0]:.0f} bytes ({mem[0]} keys)"
+            )
+
+        auth = best["sidecar authenticated (1 worker)"]
+        pub1 = best["sidecar public (1 worker)"]
+        pub2 = best["sidecar public (2 workers, Redis)"]
+        bare_r = best["bare aiohttp proxy"]
+        added = max(auth.p99_ms, pub1.p99_ms) - bare_r.p99_ms
+        checks = [
+            (
+                "authenticated ≥ 0.95 x bare aiohttp proxy",
+                f"{auth.rps / bare:.2f}x",
+                auth.rps / bare >= TARGETS["auth_vs_bare"],
+            ),
+            (
+                "2 workers ≥ 1.6 x 1 worker (public rows)",
+                f"{pub2.rps / pub1.rps:.2f}x",
+                pub2.rps / pub1.rps >= TARGETS["w2_vs_w1"],
+            ),
+            (
+                "2 workers ≥ 0.25 x nginx reverse proxy",
+                f"{pub2.rps / nginx:.2f}x" if nginx else "no nginx",
+                bool(nginx) and pub2.rps / nginx >= TARGETS["w2_vs_nginx"],
+            ),
+            (
+                "p99 added over the bare proxy ≤ 1 ms (worse of public/authenticated)",
+                f"{added:+.2f} ms",
+                added <= TARGETS["p99_added_ms"],
+            ),
+        ]
+        print()
+        print("Targets (issue 7):")
+        for what, value, ok in checks:
+            print(f"- {what}: {value} — {'met' if ok else 'NOT met'}")
+        print("- Redis bytes per session ≤ raw token bytes + 200: not measured by this bench")
+        return 0
+    finally:
+        if idp is not None:
+            idp.stop()
+        procs.stop_all()
+        try:
+            redis_cleanup(prefix)
+        except Exception as e:  # Redis absent: nothing to clean
+            print(f"redis cleanup skipped: {e}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
