@@ -8,14 +8,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Final, Protocol
 
-from redis.exceptions import RedisError
-
-from sidecar.errors import StoreUnavailable
 from sidecar.session.redis_connect import RedisClient
+from sidecar.session.redis_store import milliseconds, translated_errors
 
 __all__ = ["Locks", "MemoryLocks", "RedisLocks"]
 
@@ -61,20 +58,20 @@ class RedisLocks:
 
     async def acquire(self, h: str, ttl: float) -> str | None:
         owner = secrets.token_urlsafe(16)
-        async with _translated():
-            taken = await self._redis.set(self._key(h), owner, nx=True, px=_ms(ttl))
+        async with translated_errors():
+            taken = await self._redis.set(self._key(h), owner, nx=True, px=milliseconds(ttl))
         return owner if taken else None
 
     async def release(self, h: str, owner: str) -> None:
-        async with _translated():
+        async with translated_errors():
             await self._release(keys=[self._key(h)], args=[owner])
 
     async def extend(self, h: str, owner: str, ttl: float) -> bool:
-        async with _translated():
-            return bool(await self._extend(keys=[self._key(h)], args=[owner, _ms(ttl)]))
+        async with translated_errors():
+            return bool(await self._extend(keys=[self._key(h)], args=[owner, milliseconds(ttl)]))
 
     async def held(self, h: str) -> bool:
-        async with _translated():
+        async with translated_errors():
             return bool(await self._redis.exists(self._key(h)))
 
 
@@ -112,15 +109,3 @@ class MemoryLocks:
     async def held(self, h: str) -> bool:
         await asyncio.sleep(0)
         return self._current(h) is not None
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
-
-
-@asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc

@@ -14,7 +14,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.session import redis_connect
 from sidecar.session.redis_connect import RedisClient
 
-__all__ = ["RedisSessionStore"]
+__all__ = ["RedisSessionStore", "milliseconds", "translated_errors"]
 
 # A new record replaces whatever was under its key, atomically (one key: any topology; a
 # MULTI pipeline would need a same-slot transaction on Redis Cluster).
@@ -82,35 +82,35 @@ class RedisSessionStore:
         return f"{self._p}:s:{{{h}}}"
 
     async def get(self, h: str) -> tuple[int, bytes] | None:
-        async with _translated():
+        async with translated_errors():
             version, sealed = await self._redis.hmget(self._key(h), ["v", "d"])
         if version is None or sealed is None:
             return None
         return int(version), _as_bytes(sealed)
 
     async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
-        async with _translated():
-            await self._create(keys=[self._key(h)], args=[version, sealed, _ms(ttl)])
+        async with translated_errors():
+            await self._create(keys=[self._key(h)], args=[version, sealed, milliseconds(ttl)])
 
     async def replace(
         self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
     ) -> bool:
-        async with _translated():
+        async with translated_errors():
             done = await self._replace(
-                keys=[self._key(h)], args=[expected_version, version, sealed, _ms(ttl)]
+                keys=[self._key(h)], args=[expected_version, version, sealed, milliseconds(ttl)]
             )
         return bool(done)
 
     async def touch(self, h: str, ttl: float) -> None:
-        async with _translated():
-            await self._redis.pexpire(self._key(h), _ms(ttl))
+        async with translated_errors():
+            await self._redis.pexpire(self._key(h), milliseconds(ttl))
 
     async def mark_attempt(self, h: str, at: float) -> None:
-        async with _translated():
+        async with translated_errors():
             await self._mark_attempt(keys=[self._key(h)], args=[repr(at)])
 
     async def attempt_mark(self, h: str) -> float | None:
-        async with _translated():
+        async with translated_errors():
             value = await self._redis.hget(self._key(h), "a")
         return float(value) if value is not None else None
 
@@ -124,23 +124,23 @@ class RedisSessionStore:
         return self._p
 
     async def delete(self, h: str) -> bool:
-        async with _translated():
+        async with translated_errors():
             return bool(await self._redis.delete(self._key(h)))
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
         # Index keys live in other Cluster slots than the record: one call each (DESIGN §4).
-        async with _translated():
+        async with translated_errors():
             for key in self._index_keys(user_key, sid_key):
                 await self._index(keys=[key], args=[h, repr(expires_at), repr(time.time())])
 
     async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
         # One command per key: index keys may live on different Cluster nodes.
-        async with _translated():
+        async with translated_errors():
             for key in self._index_keys(user_key, sid_key):
                 await self._redis.zrem(key, h)
 
     async def sessions_of_sid(self, sid_key: str) -> list[str]:
-        async with _translated():
+        async with translated_errors():
             members = await self._redis.zrangebyscore(
                 f"{self._p}:sid:{sid_key}", time.time(), "+inf"
             )
@@ -153,16 +153,16 @@ class RedisSessionStore:
         return keys
 
     async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
-        async with _translated():
-            await self._redis.set(f"{self._p}:login:{key}", sealed, px=_ms(ttl))
+        async with translated_errors():
+            await self._redis.set(f"{self._p}:login:{key}", sealed, px=milliseconds(ttl))
 
     async def take_login(self, key: str) -> bytes | None:
-        async with _translated():
+        async with translated_errors():
             value = await self._redis.getdel(f"{self._p}:login:{key}")
         return _as_bytes(value) if value is not None else None
 
     async def ping(self) -> None:
-        async with _translated():
+        async with translated_errors():
             await self._redis.ping()
 
     async def close(self) -> None:
@@ -181,12 +181,12 @@ def _as_bytes(value: object) -> bytes:
     return value
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
 @asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
+async def translated_errors() -> AsyncIterator[None]:
     """Redis failures become `StoreUnavailable` at this boundary (STYLE practice 5)."""
     try:
         yield
