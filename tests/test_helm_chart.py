@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from sidecar import __version__
-from sidecar.config import Config, RedisConfig, parse_config, parse_duration
+from sidecar.config import Config, parse_config, parse_duration
 from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).parent.parent
@@ -275,15 +275,8 @@ def test_schema_knows_every_sidecar_config_key(schema: dict[str, Any]) -> None:
 
 
 def sidecar_config(values: dict[str, Any]) -> Config:
-    """Parse `config:` as the sidecar will, with the Secret's variables set.
-
-    Redis topology keys that the sidecar does not know yet (planned in issue 5) are left
-    out; once they land, the examples are validated with them."""
+    """Parse `config:` as the sidecar will, with the Secret's variables set."""
     config = copy.deepcopy(values["config"])
-    redis = config.get("redis") or {}
-    for key in list(redis):
-        if key not in RedisConfig.model_fields:
-            del redis[key]
     return parse_config(yaml.safe_dump(config), env=SECRET_ENV, source="values config")
 
 
@@ -299,12 +292,13 @@ def test_example_config_is_a_valid_sidecar_config(name: str, values: dict[str, A
     sidecar_config(example_values(name, values))
 
 
-def test_planned_redis_keys_only_in_their_examples(values: dict[str, Any]) -> None:
-    sentinel = example_values("ha-sentinel.yaml", values)["config"]["redis"]["sentinel"]
-    assert set(sentinel) == {"master_name", "addresses", "password"}
-    assert sentinel["password"] == "${REDIS_SENTINEL_PASSWORD}"
-    cluster = example_values("redis-cluster.yaml", values)["config"]["redis"]["cluster"]
-    assert len(cluster["nodes"]) >= 3
+def test_redis_topology_examples_configure_the_sidecar(values: dict[str, Any]) -> None:
+    """The Sentinel and Cluster examples parse into real Sentinel and Cluster settings."""
+    sentinel = sidecar_config(example_values("ha-sentinel.yaml", values)).redis.sentinel
+    assert sentinel is not None and sentinel.master_name and len(sentinel.addresses) >= 3
+    assert sentinel.password is not None
+    cluster = sidecar_config(example_values("redis-cluster.yaml", values)).redis.cluster
+    assert cluster is not None and len(cluster.nodes) >= 3
 
 
 def test_memory_example_is_one_process(values: dict[str, Any]) -> None:
