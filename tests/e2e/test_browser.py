@@ -1,0 +1,282 @@
+"""Headless Chromium against the real thing: oidc-provider, the sidecar process, Redis, upstream.
+
+The browser opens the app through the sidecar, logs in at the provider's form, stays on the
+upstream page while its script calls the API every second across several access-token
+expiries (the upstream checks every token at the provider's userinfo endpoint), then signs out
+through the provider's end-session page. Screenshots of each step go to `test-output/browser/`.
+
+Chromium is Debian's `/usr/bin/chromium` driven by Playwright for Python (no browser download).
+If either is missing the test fails: it never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import REDIS_URL, SidecarProcess, config_dict, free_port
+from tests.e2e.conftest import REPO_ROOT, ProviderHandle
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = REPO_ROOT / "test-output" / "browser"
+ACCESS_TOKEN_TTL = 6  # seconds: several expiries fit in a short test
+REFRESH_BEFORE = "3s"
+WATCH_SECONDS = 15.0  # >= 2 token lifetimes
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>browser e2e app</title></head>
+<body><h1>Hello, <span id="user">{user}</span></h1>
+<p>token expires in <b id="left">?</b> s; last API call: <span id="status">waiting</span>;
+calls: <span id="count">0</span></p>
+<form method="post" action="/oauth2/sign_out"><button id="signout" type="submit">Sign out</button>
+</form>
+<script>
+window.results = [];
+async function poll() {{
+  let entry;
+  try {{
+    const r = await fetch("/api/whoami", {{headers: {{Accept: "application/json"}}}});
+    const body = r.headers.get("content-type", "").includes("json") ? await r.json() : {{}};
+    entry = {{status: r.status, ...body}};
+    if (r.ok) document.getElementById("left").textContent = body.token_seconds_left;
+  }} catch (e) {{ entry = {{status: 0, error: String(e)}}; }}
+  window.results.push(entry);
+  document.getElementById("status").textContent = entry.status;
+  document.getElementById("count").textContent = window.results.length;
+}}
+setInterval(poll, 1000); poll();
+</script></body></html>
+"""
+
+
+def _require_playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "the Python package `playwright` is required for the browser test: "
+            "pip install -e '.[test]' (it brings its own driver; no browser download needed)",
+            pytrace=False,
+        )
+    if not Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is None:
+        pytest.fail(
+            f"{CHROMIUM} is required for the browser test: apt-get install -y chromium",
+            pytrace=False,
+        )
+    return sync_playwright
+
+
+class Upstream:
+    """An aiohttp upstream in its own thread: the page above and /api/whoami, which asks the
+    provider's userinfo endpoint about every token it gets."""
+
+    def __init__(self, provider: ProviderHandle) -> None:
+        self.userinfo_endpoint = provider.metadata["userinfo_endpoint"]
+        self.introspection_endpoint = provider.metadata["introspection_endpoint"]
+        self.client_auth = {
+            "Authorization": aiohttp.encode_basic_auth(provider.client_id, provider.client_secret)
+        }
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.runner: web.AppRunner | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._started.wait(10):
+            raise TimeoutError("upstream did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._started.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/api/whoami", self._whoami)
+        app.router.add_route("*", "/{tail:.*}", self._page)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def _whoami(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        userinfo_status, sub, left = None, None, None
+        if auth.startswith("Bearer "):
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(self.userinfo_endpoint, headers={"Authorization": auth}) as r,
+            ):
+                userinfo_status = r.status
+                if r.status == 200:
+                    sub = (await r.json()).get("sub")
+            async with (
+                aiohttp.ClientSession() as client,
+                client.post(
+                    self.introspection_endpoint,
+                    data={"token": auth.removeprefix("Bearer ")},
+                    headers=self.client_auth,
+                ) as r,
+            ):
+                if r.status == 200:
+                    exp = (await r.json()).get("exp")
+                    left = round(exp - time.time(), 1) if exp else None
+        return web.json_response(
+            {
+                "user": request.headers.get("X-Forwarded-User"),
+                "token": hashlib.sha256(auth.encode()).hexdigest()[:12] if auth else None,
+                "userinfo_status": userinfo_status,
+                "userinfo_sub": sub,
+                "token_seconds_left": left,
+            }
+        )
+
+    async def _page(self, request: web.Request) -> web.Response:
+        user = request.headers.get("X-Forwarded-User", "")
+        return web.Response(text=PAGE.format(user=user), content_type="text/html")
+
+    def stop(self) -> None:
+        async def cleanup() -> None:
+            if self.runner is not None:
+                await self.runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def redis_key_prefix() -> Iterator[str]:
+    import redis
+
+    prefix = f"test-{secrets.token_hex(6)}"
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    yield prefix
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_browser_login_background_calls_across_expiries_and_logout(
+    oidc_provider: Callable[..., ProviderHandle],
+    sidecar_process: Callable[..., SidecarProcess],
+    redis_key_prefix: str,
+) -> None:
+    sync_playwright = _require_playwright()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SCREENSHOTS.glob("*.png"):
+        old.unlink()
+
+    data = config_dict()
+    public_url = data["server"]["public_url"]
+    post_logout_url = public_url + "/logged-out"
+    provider = oidc_provider(
+        public_url,
+        client={"post_logout_redirect_uris": [post_logout_url]},
+        access_token_ttl=ACCESS_TOKEN_TTL,
+    )
+    upstream = Upstream(provider)
+    try:
+        data["upstreams"] = [{"path": "/", "url": upstream.url}]
+        data["public_paths"] = []
+        data["oidc"] = {
+            "issuer": provider.issuer,
+            "client_id": provider.client_id,
+            "client_secret": provider.client_secret,
+            "scopes": ["openid", "email", "profile", "offline_access"],
+            "post_logout_redirect_url": post_logout_url,
+        }
+        data["session"] = {**data["session"], "store": "redis"}
+        data["redis"] = {"url": REDIS_URL, "key_prefix": redis_key_prefix}
+        data["refresh"] = {"before_expiry": REFRESH_BEFORE}
+        sidecar = sidecar_process(data)
+
+        def context() -> str:
+            return (
+                f"\n--- sidecar log ---\n{sidecar.logs()}\n--- provider log ---\n{provider.logs()}"
+            )
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(15_000)
+
+                # 1. The app through the sidecar sends the browser to the provider's login form.
+                page.goto(public_url + "/")
+                page.wait_for_url(provider.issuer + "/interaction/**")
+                page.screenshot(path=SCREENSHOTS / "1-idp-login-form.png")
+
+                # 2. Log in as alice: back on the upstream page, which greets her.
+                page.fill("input[name=login]", "alice")
+                page.click("button[type=submit]")
+                page.wait_for_url(public_url + "/")
+                assert page.text_content("#user") == "alice", page.content() + context()
+                page.wait_for_function("window.results && window.results.length >= 1")
+                page.screenshot(path=SCREENSHOTS / "2-upstream-page.png")
+
+                # 3. The page keeps calling the API across >= 2 access-token expiries.
+                page.wait_for_timeout(WATCH_SECONDS * 1000)
+                results: list[dict[str, Any]] = page.evaluate("window.results")
+                page.screenshot(path=SCREENSHOTS / "3-after-token-expiries.png")
+                assert len(results) >= WATCH_SECONDS - 2, results
+                bad = [r for r in results if r.get("status") != 200]
+                assert not bad, f"background calls failed: {bad}{context()}"
+                assert all(r["user"] == "alice" for r in results), results
+                assert all(r["userinfo_status"] == 200 for r in results), results
+                assert all(r["userinfo_sub"] == "alice" for r in results), results
+                tokens = list(dict.fromkeys(r["token"] for r in results))
+                assert len(tokens) >= 3, f"token changed {len(tokens) - 1} times: {results}"
+                stats = provider.stats()
+                assert stats["grants"].get("refresh_token", 0) >= 2, stats
+                assert stats["grant_errors"] == {}, stats
+
+                # 4. Sign out: the provider's end-session page confirms itself and sends the
+                # browser back; the app is protected, so the provider asks for a login again.
+                page.click("#signout")
+                page.wait_for_url(provider.issuer + "/interaction/**")
+                page.screenshot(path=SCREENSHOTS / "4-signed-out-login-again.png")
+                stats = provider.stats()
+                assert stats["end_sessions"] == 1, stats
+                assert stats["revocations"] == 1, stats
+
+                # 5. The API answers 401 to this browser now.
+                response = page.request.get(
+                    public_url + "/api/whoami", headers={"Accept": "application/json"}
+                )
+                assert response.status == 401, response.text() + context()
+                page.set_content(
+                    f"<h1>GET /api/whoami after sign-out: {response.status}</h1>"
+                    f"<pre>{html.escape(response.text())}</pre>"
+                )
+                page.screenshot(path=SCREENSHOTS / "5-api-401-after-logout.png")
+                assert provider.stats()["server_errors"] == []
+            finally:
+                browser.close()
+    finally:
+        upstream.stop()
