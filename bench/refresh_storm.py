@@ -1,0 +1,399 @@
+"""Refresh storm (issue 4): C concurrent clients on one session while its token keeps expiring.
+
+    /tmp/venv/bin/python bench/refresh_storm.py [--duration 10] [--clients 100]
+        [--replicas 1,3] [--ttl 3] [--token-delay 0]
+
+Everything listens on 127.0.0.1 on free ports and is stopped at exit:
+
+* the dev IdP (`sidecar.devidp`, refresh-token rotation and reuse detection) in a thread of
+  this script, access tokens living `--ttl` seconds (3 s: a rotation about every 2 s with
+  `refresh.before_expiry: 1s`);
+* an upstream (aiohttp, a subprocess of this script) answering 200 with a small body;
+* for each replica count: that many `python -m sidecar run` processes, Redis store on
+  127.0.0.1:6379 under a unique key prefix (deleted at exit), `public_paths: []`.
+
+For each replica count it logs in once (code flow through replica 1), then `--clients`
+aiohttp clients send `GET /api` with that one session cookie for `--duration` seconds,
+client i always to replica i mod N. It prints requests, req/s, non-200 answers, client
+p50/p99/max latency, the IdP's refresh grants and reuse detections, the sidecars' rotations
+(`sidecar_refresh_total{outcome="refreshed"}`), and per replica the refresh figures from
+its `/metrics`: IdP token-request latency, lock contention and lock wait, single-flight joins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+COOKIE = "sidecar_storm"
+CLIENT_ID = "storm"
+CLIENT_SECRET = "storm-client-secret"
+JSON = {"Accept": "application/json"}
+READY_TIMEOUT = 30.0  # seconds for a sidecar process to answer /readyz
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# --- the upstream (runs as `bench/refresh_storm.py --upstream PORT`) ----------------------
+
+
+def run_upstream(port: int) -> None:
+    from aiohttp import web
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        ok = request.headers.get("Authorization", "").startswith("Bearer ")
+        return web.Response(status=200 if ok else 401, text="hello from the upstream\n")
+
+    async def main() -> None:
+        runner = web.ServerRunner(web.Server(handle), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+# --- the dev IdP, in a thread -------------------------------------------------------------
+
+
+class IdPThread:
+    """`sidecar.devidp.DevIdP` served from its own event loop and thread."""
+
+    def __init__(self, port: int, bases: list[str], ttl: float, delay: float) -> None:
+        from aiohttp import web
+
+        from sidecar.devidp import DevClient, DevIdP, default_users
+
+        self.issuer = f"http://{HOST}:{port}"
+        client = DevClient(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            tuple(b + "/oauth2/callback" for b in bases),
+            tuple(b + "/" for b in bases),
+        )
+        self.idp = DevIdP(
+            self.issuer, clients={CLIENT_ID: client}, users=default_users(), access_token_ttl=ttl
+        )
+        self.idp.token_endpoint_delay = delay
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            runner = web.AppRunner(self.idp.app(), access_log=None)
+            self._loop.run_until_complete(runner.setup())
+            self._loop.run_until_complete(web.TCPSite(runner, HOST, port).start())
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="dev-idp", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("dev IdP did not start")
+
+    def stats(self) -> Any:
+        """A copy of the IdP's counters, taken on its own thread."""
+
+        async def copy() -> Any:
+            return dataclasses.replace(self.idp.stats)
+
+        return asyncio.run_coroutine_threadsafe(copy(), self._loop).result(10)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+# --- sidecar processes --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Replica:
+    base: str
+    management: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_replica(
+    tmp: Path, port: int, issuer: str, upstream: str, key: str, prefix: str
+) -> Replica:
+    import yaml
+
+    base, mport = f"http://{HOST}:{port}", free_port()
+    config = {
+        "server": {"listen": f"{HOST}:{port}", "public_url": base},
+        "management": {"listen": f"{HOST}:{mport}"},
+        "oidc": {
+            "issuer": issuer,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "scopes": ["openid", "email", "profile", "offline_access"],
+            "post_logout_redirect_url": base + "/",
+        },
+        "session": {
+            "store": "redis",
+            "cookie_name": COOKIE,
+            "cookie_secure": False,
+            "encryption_keys": [key],
+        },
+        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "refresh": {"before_expiry": "1s", "idp_timeout": "5s", "lock_ttl": "15s"},
+        "upstreams": [{"path": "/", "url": upstream}],
+        "public_paths": [],
+        "logging": {"level": "warning", "access_log": False},
+    }
+    path = tmp / f"sidecar-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp / f"sidecar-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return Replica(base, f"http://{HOST}:{mport}", proc, log)
+
+
+async def wait_ready(session: Any, replica: Replica) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if replica.proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited: {replica.log.read_text(errors='replace')}")
+        try:
+            async with session.get(replica.management + "/readyz") as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"sidecar not ready: {replica.log.read_text(errors='replace')}")
+
+
+async def login(base: str) -> str:
+    """A full code flow through the sidecar and the dev IdP; the session cookie's value."""
+    import aiohttp
+
+    nav = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as s:
+        url = base + "/app"
+        for _ in range(4):
+            async with s.get(url, headers=nav, allow_redirects=False) as r:
+                if r.status not in (302, 303):
+                    raise RuntimeError(f"login: {url} answered {r.status}")
+                location = r.headers["Location"]
+            url = location if "://" in location else base + location
+            if "/authorize" in url:
+                url += "&login_hint=alice"
+        for cookie in jar:
+            if cookie.key == COOKIE:
+                return cookie.value
+    raise RuntimeError("login: no session cookie was set")
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def scrape(text: str) -> dict[str, float]:
+    """`name{labels}` → value, for the sidecar's refresh samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "refresh" in sample.name or "idp_token" in sample.name:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def bucket_quantile(samples: dict[str, float], name: str, q: float) -> float | None:
+    """Upper bound of the histogram bucket holding quantile q (None without samples)."""
+    buckets = sorted(
+        (float(k.split("le=")[1].rstrip("}")), v)
+        for k, v in samples.items()
+        if k.startswith(name + "_bucket{")
+    )
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return None
+
+
+def ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- one scenario -------------------------------------------------------------------------
+
+
+async def scenario(
+    tmp: Path, idp: IdPThread, upstream: str, ports: list[int], args: argparse.Namespace
+) -> None:
+    import aiohttp
+    import redis.asyncio as redis
+
+    prefix = f"storm-{secrets.token_hex(4)}"
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    replicas = [start_replica(tmp, p, idp.issuer, upstream, key, prefix) for p in ports]
+    connector = aiohttp.TCPConnector(limit=0)
+    http = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+    try:
+        for replica in replicas:
+            await wait_ready(http, replica)
+        cookie = await login(replicas[0].base)
+        before = idp.stats()
+        latencies: list[float] = []
+        statuses: dict[int, int] = {}
+        stop_at = time.monotonic() + args.duration
+
+        async def client(i: int) -> None:
+            replica = replicas[i % len(replicas)]
+            headers = {**JSON, "Cookie": f"{COOKIE}={cookie}"}
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                try:
+                    async with http.get(replica.base + "/api", headers=headers) as r:
+                        await r.read()
+                        status = r.status
+                except aiohttp.ClientError:
+                    status = 0
+                latencies.append(time.perf_counter() - started)
+                statuses[status] = statuses.get(status, 0) + 1
+
+        wall = time.monotonic()
+        await asyncio.gather(*(client(i) for i in range(args.clients)))
+        wall = time.monotonic() - wall
+        after = idp.stats()
+        per_replica = []
+        for replica in replicas:
+            async with http.get(replica.management + "/metrics") as r:
+                per_replica.append(scrape(await r.text()))
+    finally:
+        await http.close()
+        for replica in replicas:
+            replica.proc.terminate()
+        for replica in replicas:
+            try:
+                replica.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                replica.proc.kill()
+        client_ = redis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in client_.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client_.delete(*keys)
+        await client_.aclose()
+
+    n = len(latencies)
+    non_200 = n - statuses.get(200, 0)
+    rotations = sum(m.get("sidecar_refresh_total{outcome=refreshed}", 0) for m in per_replica)
+    print(f"\n### {len(replicas)} replica(s), {args.clients} clients, {wall:.1f} s\n")
+    print(f"requests            {n}")
+    print(f"req/s               {n / wall:,.0f}")
+    print(f"non-200             {non_200}  {dict(sorted(statuses.items()))}")
+    print(
+        f"latency p50/p99/max {ms(percentile(latencies, 0.5))} / "
+        f"{ms(percentile(latencies, 0.99))} / {ms(max(latencies))} ms"
+    )
+    print(f"rotations (sidecar) {rotations:.0f}")
+    print(f"refresh grants (IdP) {after.refresh_grants - before.refresh_grants}")
+    print(f"token requests (IdP) {after.token_requests - before.token_requests}")
+    print(f"reuse detections    {after.reuse_detected - before.reuse_detected}")
+    print()
+    print(
+        "| replica | refreshed | elsewhere | other outcomes | IdP token ms mean / p99≤ "
+        "| lock contention | lock waits | lock wait ms mean / p99≤ | joins |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for i, m in enumerate(per_replica, 1):
+        outcomes = {
+            k.split("outcome=")[1].rstrip("}"): v
+            for k, v in m.items()
+            if k.startswith("sidecar_refresh_total{")
+        }
+        other = {
+            k: int(v)
+            for k, v in outcomes.items()
+            if k not in ("refreshed", "refreshed_elsewhere") and v
+        }
+        idp_n = m.get("sidecar_idp_token_request_duration_seconds_count", 0)
+        idp_sum = m.get("sidecar_idp_token_request_duration_seconds_sum", 0)
+        wait_n = m.get("sidecar_refresh_lock_wait_seconds_count", 0)
+        wait_sum = m.get("sidecar_refresh_lock_wait_seconds_sum", 0)
+        print(
+            f"| {i} | {outcomes.get('refreshed', 0):.0f} "
+            f"| {outcomes.get('refreshed_elsewhere', 0):.0f} | {other or '—'} "
+            f"| {ms(idp_sum / idp_n if idp_n else None)} / "
+            f"{ms(bucket_quantile(m, 'sidecar_idp_token_request_duration_seconds', 0.99))} "
+            f"| {m.get('sidecar_refresh_lock_contention_total', 0):.0f} | {wait_n:.0f} "
+            f"| {ms(wait_sum / wait_n if wait_n else None)} / "
+            f"{ms(bucket_quantile(m, 'sidecar_refresh_lock_wait_seconds', 0.99))} "
+            f"| {m.get('sidecar_refresh_singleflight_joins_total', 0):.0f} |"
+        )
+
+
+async def run(args: argparse.Namespace, idp: IdPThread, upstream: str, ports: Any) -> None:
+    print(
+        f"refresh storm: access_token_ttl {args.ttl:g} s, refresh.before_expiry 1 s, "
+        f"IdP token delay {args.token_delay:g} s, {args.duration:g} s per run; "
+        f"python {sys.version.split()[0]}"
+    )
+    with tempfile.TemporaryDirectory(prefix="refresh-storm-") as tmp:
+        for count in args.counts:
+            await scenario(Path(tmp), idp, upstream, ports[count], args)
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--upstream":
+        run_upstream(int(sys.argv[2]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10, help="seconds per replica count")
+    parser.add_argument("--clients", type=int, default=100, help="concurrent clients")
+    parser.add_argument("--replicas", default="1,3", help="replica counts to run, in order")
+    parser.add_argument("--ttl", type=float, default=3, help="access token lifetime, seconds")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="IdP /token delay, s")
+    args = parser.parse_args()
+    args.counts = [int(c) for c in args.replicas.split(",")]
+    ports = {c: [free_port() for _ in range(c)] for c in args.counts}
+    bases = [f"http://{HOST}:{p}" for ps in ports.values() for p in ps]
+    idp = IdPThread(free_port(), bases, args.ttl, args.token_delay)
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
+    try:
+        asyncio.run(run(args, idp, f"http://{HOST}:{up_port}", ports))
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+        idp.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
