@@ -38,6 +38,9 @@ SOCKET_TIMEOUT: Final = 5.0  # seconds to wait for a reply
 HEALTH_CHECK_INTERVAL: Final = 15  # an idle connection is PINGed before reuse after this long
 MASTER_CHECK_INTERVAL: Final = 0.5  # seconds between asking the sentinels who the master is
 _RETRIES: Final = 2  # per command, on connection errors and timeouts only
+# Connections per process (per node on Cluster). redis-py 8 defaults to 100 and then fails
+# commands outright: a burst of concurrent requests must not turn into 503s.
+MAX_CONNECTIONS: Final = 2048
 
 
 def connect(config: RedisConfig) -> RedisClient:
@@ -65,6 +68,7 @@ def connect(config: RedisConfig) -> RedisClient:
         "socket_timeout": SOCKET_TIMEOUT,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "retry": _retry(),
+        "max_connections": MAX_CONNECTIONS,
     }
     if tls:
         common.update(_tls(config))
