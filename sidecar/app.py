@@ -57,6 +57,8 @@ __all__ = ["build_apps"]
 log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
+# Client copies of every header the sidecar injects, computed once, not per request.
+DROPPED: Final = web.AppKey("dropped_headers", frozenset[str])
 _CLOSE_TIMEOUT: Final = 2.0  # a background task gets this long to stop at shutdown
 
 
@@ -103,6 +105,7 @@ def build_apps(
     main[EVENTS] = events
     main[REFRESHER] = Refresher(sessions, oidc, locks, events, config.refresh, metrics)
     main[COOKIES] = Cookies(config.session)
+    main[DROPPED] = injected_names(config.inject)
     main.cleanup_ctx.append(_upstream_pools)
     main.cleanup_ctx.append(_session_store)
     main.cleanup_ctx.append(_identity_provider)
@@ -188,7 +191,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     request[ROUTE] = upstream.prefix
     extra = [("X-Request-Id", request[REQUEST_ID])]
     cookies = request.app[COOKIES]
-    drop = injected_names(config.inject)
+    drop = request.app[DROPPED]
     if any(path_matches(request.path, p) for p in config.public_paths):
         return await upstream.forward(request, extra=extra, drop=drop, cookie_filter=cookies.strip)
 

@@ -13,6 +13,7 @@ from sidecar.access import allowed
 from sidecar.appkeys import CONFIG, COOKIES, REFRESHER, ROUTE, SESSIONS
 from sidecar.errors import SessionEnded
 from sidecar.headers import identity_headers
+from sidecar.login import START_PATH, unauthorized_json
 from sidecar.responses import error_response
 
 __all__ = ["forward_auth"]
@@ -24,22 +25,14 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     session = await request.app[SESSIONS].load(request.app[COOKIES].session_id(request))
     if session is None:
-        return _unauthorized()
+        return unauthorized_json(START_PATH)
     try:
         session = await request.app[REFRESHER].ensure_fresh(session)
     except SessionEnded:
-        return _unauthorized()
+        return unauthorized_json(START_PATH)
     if not allowed(session.record.claims, (config.access,)):
         return error_response(request, 403, "forbidden", "you are not allowed to see this")
     response = web.Response(status=202, headers={"Cache-Control": "no-store"})
     for name, value in identity_headers(session.record, config.inject):
         response.headers[name] = value
     return response
-
-
-def _unauthorized() -> web.Response:
-    return web.json_response(
-        {"error": "unauthenticated", "message": "log in first", "login_url": "/oauth2/start"},
-        status=401,
-        headers={"WWW-Authenticate": 'Bearer realm="auth-sidecar"', "Cache-Control": "no-store"},
-    )

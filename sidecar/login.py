@@ -32,6 +32,7 @@ __all__ = [
     "sign_out",
     "start",
     "unauthenticated",
+    "unauthorized_json",
     "userinfo",
 ]
 
@@ -233,6 +234,11 @@ def unauthenticated(request: web.Request) -> web.StreamResponse:
     url = login_url(request)
     if is_navigation(request):
         return _redirect(url)
+    return unauthorized_json(url)
+
+
+def unauthorized_json(url: str) -> web.Response:
+    """401 naming the login URL, with `WWW-Authenticate` (DESIGN §6, API calls)."""
     return web.json_response(
         {"error": "unauthenticated", "message": "log in first", "login_url": url},
         status=401,
