@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import secrets
 import socket
@@ -660,6 +661,39 @@ class TestTokenEndpointKnobs:
         started = time.monotonic()
         status, _ = await refresh(env, first["refresh_token"])
         assert status == 200 and time.monotonic() - started >= 0.2
+
+    async def test_garbage_html_intercepts_the_request(self, env: Env) -> None:
+        """token_endpoint_garbage "html": a 200 page instead of the answer; no grant is used."""
+        first = await login(env)
+        env.idp.token_endpoint_garbage = 1
+        resp = await env.http.post(
+            env.path("token"),
+            data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]},
+            headers=basic(),
+        )
+        assert (resp.status, resp.content_type) == (200, "text/html")
+        assert env.idp.token_endpoint_garbage == 0
+        assert env.idp.stats.refresh_grants == 0
+        assert (await refresh(env, first["refresh_token"]))[0] == 200  # nothing was spent
+
+    async def test_garbage_truncated_json_after_the_grant(self, env: Env) -> None:
+        """token_endpoint_garbage "truncated_json": the answer is cut, but the token rotated."""
+        first = await login(env)
+        env.idp.token_endpoint_garbage = 1
+        env.idp.token_endpoint_garbage_kind = "truncated_json"
+        resp = await env.http.post(
+            env.path("token"),
+            data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]},
+            headers=basic(),
+        )
+        assert (resp.status, resp.content_type) == (200, "application/json")
+        with pytest.raises(ValueError):
+            json.loads(await resp.read())
+        assert env.idp.token_endpoint_garbage == 0
+        assert env.idp.stats.refresh_grants == 1
+        status, body = await refresh(env, first["refresh_token"])
+        assert (status, body["error"]) == (400, "invalid_grant")
+        assert env.idp.stats.reuse_detected == 1
 
 
 class TestClientAuth:

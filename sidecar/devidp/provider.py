@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -68,7 +68,7 @@ from sidecar.devidp.tokens import (
     user_claims,
 )
 
-__all__ = ["DevIdP"]
+__all__ = ["DevIdP", "GarbageKind"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ _CLAIMS_SUPPORTED = (
 )
 
 Params = dict[str, list[str]]
+GarbageKind = Literal["html", "truncated_json"]
 
 
 class _MissingToken(InvalidToken):
@@ -127,6 +128,11 @@ class DevIdP:
         self.refresh_token_ttl = refresh_token_ttl
         self.token_endpoint_delay = 0.0
         self.token_endpoint_failures = 0
+        # The next N answers are unparsable 200s: "html", a proxy's page in place of the
+        # request (no grant), or "truncated_json", the real answer cut (the grant took
+        # effect). The client cannot tell which, so it must not retry either.
+        self.token_endpoint_garbage = 0
+        self.token_endpoint_garbage_kind: GarbageKind = "html"  # noqa: S105 - a body kind
         self.stats = DevIdPStats()
         self._clock = clock
         self._keys = SigningKeys()
@@ -328,6 +334,11 @@ class DevIdP:
             return web.json_response(
                 error.as_dict(), status=503, headers={**_NO_STORE, "Retry-After": "1"}
             )
+        intercepted = self.token_endpoint_garbage_kind == "html"  # noqa: S105 - a body kind
+        if self.token_endpoint_garbage > 0 and intercepted:
+            self.token_endpoint_garbage -= 1
+            await self._delay()
+            return _html("<html><body><h1>Service temporarily rerouted</h1></body></html>")
         try:
             form = await _form(request)
             client = authenticate_client(request.headers.get("Authorization"), form, self._clients)
@@ -345,6 +356,9 @@ class DevIdP:
             log.info("token request refused", extra={"error": exc.error})
             response = _error_json(exc, basic="Authorization" in request.headers)
         await self._delay()
+        if self.token_endpoint_garbage > 0:
+            self.token_endpoint_garbage -= 1
+            return _truncated(response)
         return response
 
     async def _delay(self) -> None:
@@ -656,4 +670,12 @@ def _html(text: str, status: int = 200) -> web.Response:
         status=status,
         content_type="text/html",
         headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"},
+    )
+
+
+def _truncated(response: web.Response) -> web.Response:
+    """The real answer cut in half, still labelled JSON: a connection cut by a middlebox."""
+    body = response.body if isinstance(response.body, bytes) else b"{}"
+    return web.Response(
+        body=body[: len(body) // 2], content_type="application/json", headers=_NO_STORE
     )
