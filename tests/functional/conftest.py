@@ -1,5 +1,10 @@
 """Helpers for the proxy's functional tests: raw socket servers and clients for odd behaviour.
 
+The refresh and Redis topology modules share `idp` (a dev IdP of the module only, issuing
+the module's `ACCESS_TTL`-second access tokens), `upstream` (the verifying upstream of
+`test_refresh_storm`) and `redis_fleet` (own `redis-server` processes, stopped at the test's
+end).
+
 Two fixtures of `tests/conftest.py` are overridden here. `start_sidecar` runs the main
 listener with an `AppRunner` given exactly `main_runner_options(config)`, as `server.serve`
 does: `TestServer` always forces `handler_cancellation=True`, so a cancellation test through
@@ -12,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +29,10 @@ from aiohttp.test_utils import TestServer
 from sidecar.app import build_apps
 from sidecar.config import Config
 from sidecar.server import main_runner_options
+from tests.conftest import free_port
+from tests.functional.redis_topologies import Fleet, fleet
+from tests.functional.test_refresh_storm import VerifyingUpstream
+from tests.idp import ThreadedIdP
 
 
 class Sidecar:
@@ -96,6 +106,35 @@ async def upstream_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     yield serve
     for server in servers:
         await server.close()
+
+
+# --- the dev IdP, the verifying upstream and own Redis processes -------------------------
+
+
+@pytest.fixture(scope="module")
+def idp(request: pytest.FixtureRequest) -> Iterator[ThreadedIdP]:
+    """A dev IdP of the requesting module only, so that its knobs never leak into another's.
+
+    Its access tokens live for the module's `ACCESS_TTL` seconds.
+    """
+    server = ThreadedIdP(free_port(), access_token_ttl=float(request.module.ACCESS_TTL))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream(idp: ThreadedIdP) -> Iterator[VerifyingUpstream]:
+    """The upstream that checks every Bearer token at the IdP: a 200 proves it was accepted."""
+    server = VerifyingUpstream(idp.issuer)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """Redis processes of one test (never the shared server), stopped at its end."""
+    with fleet(tmp_path / "redis") as started:
+        yield started
 
 
 # --- raw HTTP/1.1 on sockets -------------------------------------------------------------

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import SidecarProcess, free_port
+from tests.conftest import SidecarProcess
 from tests.functional.redis_topologies import (
     Fleet,
     RedisProcess,
-    fleet,
     make_tls,
     start_cluster,
     start_sentinel_setup,
@@ -46,33 +44,10 @@ from tests.functional.test_refresh_storm import (
 )
 from tests.idp import ThreadedIdP
 
-ACCESS_TTL = 3.0
+ACCESS_TTL = 3.0  # read by the `idp` fixture of tests/functional/conftest.py
 FAILOVER_TTL = 8.0  # seconds: the token that is current while Sentinel switches masters
 PREFIX = "topo"
 JSON = {"Accept": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[ThreadedIdP]:
-    """A dev IdP of this module only, issuing 3-second access tokens."""
-    server = ThreadedIdP(free_port(), access_token_ttl=ACCESS_TTL)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream(idp: ThreadedIdP) -> Iterator[VerifyingUpstream]:
-    """The upstream that checks every Bearer token at the IdP."""
-    server = VerifyingUpstream(idp.issuer)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_fleet(tmp_path: Path) -> Iterator[Fleet]:
-    """Redis processes of one test, stopped at its end."""
-    with fleet(tmp_path / "redis") as started:
-        yield started
 
 
 def sidecar_config(

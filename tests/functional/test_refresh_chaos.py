@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import free_port
 from tests.functional.test_refresh_storm import (
     Result,
     StartSidecar,
@@ -37,26 +36,10 @@ from tests.functional.test_refresh_storm import (
 )
 from tests.idp import ThreadedIdP
 
-ACCESS_TTL = 6.0
+ACCESS_TTL = 6.0  # read by the `idp` fixture of tests/functional/conftest.py
 DUE_AFTER = 3.3  # seconds after a (re)fresh token was requested: less than 3 s left, still valid
 REFRESH = {"before_expiry": "3s", "idp_timeout": "2s", "lock_ttl": "6s", "wait_timeout": "5s"}
 DELAY = 0.4  # the slow IdP's token endpoint
-
-
-@pytest.fixture(scope="module")
-def idp() -> Iterator[ThreadedIdP]:
-    """A dev IdP of this module only, issuing 6-second access tokens."""
-    server = ThreadedIdP(free_port(), access_token_ttl=ACCESS_TTL)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream(idp: ThreadedIdP) -> Iterator[VerifyingUpstream]:
-    """The verifying upstream (a 200 means the IdP accepted the forwarded token)."""
-    server = VerifyingUpstream(idp.issuer)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
