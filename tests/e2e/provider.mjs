@@ -18,7 +18,19 @@
 //   GET  /interaction/:uid         a login form (no browser needed: tests POST it)
 //   POST /interaction/:uid/login   login=<accountId> finishes the login prompt
 //   GET  /__test/stats             counters from the provider's events, as JSON
-//                                  (refresh_tokens_issued counts rotations too)
+//                                  (refresh_tokens_issued counts rotations too;
+//                                  reuse_detections counts rotated refresh tokens presented
+//                                  again; access_tokens lists sha256/exp of every one issued;
+//                                  id_tokens the signing kid of each one a grant returned)
+//   POST /__test/rotate-keys       signing-key rotation: a new key set (new kids) replaces the
+//                                  old one in the JWKS and signs from now on; answers the kids
+//   POST /__test/outage?mode=M     token endpoint outage: M=503 answers 503 without looking at
+//                                  the request, M=reset drops the connection unanswered, M=off
+//                                  ends it; either way no grant is processed (token_outage_hits)
+//
+// Key rotation builds a new Provider instance on the same server and issuer with the same
+// cookie keys and the same adapter store: oidc-provider reads `jwks` only at construction, so
+// this is how a new key set gets in, while sessions, grants and tokens carry over.
 //
 // Consent is pre-granted (a first-party client): `loadExistingGrant` grants every requested
 // scope, so no consent screen appears; a request with prompt=consent gets its consent
@@ -30,6 +42,9 @@ import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 
 import Provider from 'oidc-provider';
+// oidc-provider's own in-memory adapter, made once so every Provider instance built here (key
+// rotation builds a new one) shares its store. The package has no `exports` map.
+import { createMemoryAdapter } from 'oidc-provider/lib/adapters/memory_adapter.js';
 
 // stdout carries only the READY line (the test reads it through a pipe); notices go to stderr.
 console.log = console.error;
@@ -131,13 +146,24 @@ const stats = {
   backchannel_success: 0,
   backchannel_errors: [],
   server_errors: [],
+  reuse_detections: 0,
+  refresh_grant_errors: [],
+  access_tokens: [],
+  id_tokens: [],
+  jwks_requests: 0,
+  key_rotations: 0,
+  token_outage_hits: 0,
+  signing_kids: [],
 };
 
 function count(map, key) {
   map[key] = (map[key] || 0) + 1;
 }
 
-function buildProvider(issuer, config) {
+// The token value of an opaque access token is its jti; tests get only a hash of it.
+const sha256 = (value) => crypto.createHash('sha256').update(value).digest('hex');
+
+function buildProvider(issuer, config, jwks, cookieKeys, adapter) {
   const accessTtl = Number(config.access_token_ttl ?? 60);
   const refreshTtl = Number(config.refresh_token_ttl ?? 86400);
   const idTokenTtl = Number(config.id_token_ttl ?? 3600);
@@ -159,8 +185,9 @@ function buildProvider(issuer, config) {
 
   const provider = new Provider(issuer, {
     clients,
-    jwks: signingKeys(),
-    cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
+    jwks,
+    adapter,
+    cookies: { keys: cookieKeys },
     findAccount,
     loadExistingGrant,
     scopes: ['openid', 'email', 'profile', 'offline_access'],
@@ -226,8 +253,34 @@ function buildProvider(issuer, config) {
   });
 
   provider.on('authorization.success', () => { stats.authorizations += 1; });
-  provider.on('grant.success', (ctx) => count(stats.grants, ctx.oidc.params.grant_type));
-  provider.on('grant.error', (ctx, err) => count(stats.grant_errors, err.error ?? err.message));
+  provider.on('grant.success', (ctx) => {
+    const grantType = ctx.oidc.params.grant_type;
+    count(stats.grants, grantType);
+    const idToken = ctx.body?.id_token;
+    if (idToken) {
+      const header = JSON.parse(Buffer.from(idToken.split('.')[0], 'base64url').toString());
+      stats.id_tokens.push({ grant_type: grantType, kid: header.kid });
+    }
+  });
+  provider.on('grant.error', (ctx, err) => {
+    count(stats.grant_errors, err.error ?? err.message);
+    if (ctx.oidc.params?.grant_type === 'refresh_token') {
+      // The response says only 'grant request is invalid'; the reason is in error_detail.
+      const detail = err.error_detail ?? err.error_description ?? err.message;
+      stats.refresh_grant_errors.push(detail);
+      // oidc-provider's reuse detection: a consumed (rotated) refresh token came back, and
+      // the whole grant was revoked (lib/actions/grants/refresh_token.js).
+      if (detail === 'refresh token already used') stats.reuse_detections += 1;
+    }
+  });
+  provider.on('access_token.saved', (token) => {
+    // Same arithmetic as the opaque format's payload (epochTime() + expiration).
+    stats.access_tokens.push({
+      sha256: sha256(token.jti),
+      exp: Math.floor(Date.now() / 1000) + token.expiration,
+      grant_id: token.grantId,
+    });
+  });
   provider.on('refresh_token.saved', (token) => {
     stats.refresh_tokens_issued += 1;
     stats.refresh_token_grants.push({ grant_id: token.grantId, account_id: token.accountId });
@@ -355,8 +408,18 @@ async function main() {
     server.listen(Number(config.port ?? 0), HOST, resolve);
   });
   const issuer = `http://${HOST}:${server.address().port}`;
-  const provider = buildProvider(issuer, config);
-  const callback = provider.callback();
+  const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
+  const adapter = createMemoryAdapter();
+  let provider;
+  let callback;
+  const install = () => {
+    const jwks = signingKeys();
+    stats.signing_kids = jwks.keys.map((k) => k.kid);
+    provider = buildProvider(issuer, config, jwks, cookieKeys, adapter);
+    callback = provider.callback();
+  };
+  install();
+  let outage = null;
 
   handler = async (req, res) => {
     const { pathname } = new URL(req.url, issuer);
@@ -364,6 +427,33 @@ async function main() {
       send(res, 200, JSON.stringify(stats), 'application/json');
       return;
     }
+    if (pathname === '/__test/rotate-keys' && req.method === 'POST') {
+      install();
+      stats.key_rotations += 1;
+      send(res, 200, JSON.stringify({ kids: stats.signing_kids }), 'application/json');
+      return;
+    }
+    if (pathname === '/__test/outage' && req.method === 'POST') {
+      const mode = new URL(req.url, issuer).searchParams.get('mode');
+      if (!['503', 'reset', 'off'].includes(mode)) {
+        send(res, 400, 'mode: 503, reset or off', 'text/plain');
+        return;
+      }
+      outage = mode === 'off' ? null : mode;
+      send(res, 200, JSON.stringify({ outage }), 'application/json');
+      return;
+    }
+    if (outage && pathname === '/token') {
+      stats.token_outage_hits += 1;
+      if (outage === 'reset') {
+        req.socket.destroy();
+      } else {
+        res.writeHead(503, { 'Content-Type': 'text/plain', 'Retry-After': '1' });
+        res.end('token endpoint unavailable');
+      }
+      return;
+    }
+    if (pathname === '/jwks') stats.jwks_requests += 1;
     const match = /^\/interaction\/([A-Za-z0-9_-]+)(?:\/(login))?$/.exec(pathname);
     if (match) {
       await interaction(provider, req, res, match[1], match[2]);
