@@ -1,8 +1,9 @@
 """Real Redis processes for the topology tests: plain, ACL, TLS, Sentinel and Cluster.
 
 Every server listens on 127.0.0.1 on a free port, keeps nothing on disk (`--save ""
---appendonly no`), writes its files into a test's tmp dir and is stopped at teardown. Every
-wait is bounded and names what it waited for.
+--appendonly no`) unless started with `persist=True` (an fsync'd append-only file, so that
+`Fleet.restart` after a kill brings every acknowledged write back), writes its files into a
+test's tmp dir and is stopped at teardown. Every wait is bounded and names what it waited for.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class RedisProcess:
     dir: Path
     proc: subprocess.Popen[bytes]
     client_kwargs: dict[str, Any] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # the command line, for a restart
 
     @property
     def address(self) -> str:
@@ -113,8 +115,12 @@ class Fleet:
         client_kwargs: dict[str, Any] | None = None,
         ready: bool = True,
         port: int | None = None,
+        persist: bool = False,
     ) -> RedisProcess:
-        """Start one server from `conf` lines (port, bind, dir and log are added)."""
+        """Start one server from `conf` lines (port, bind, dir and log are added).
+
+        `persist`: every write is fsync'd to an append-only file before it is acknowledged.
+        """
         port = port or free_port()
         workdir = self.tmp / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -130,14 +136,32 @@ class Fleet:
         args = [REDIS_SERVER, str(conf_path)]
         if sentinel:
             args.append("--sentinel")  # `redis-sentinel` is this binary under another name
+        elif persist:
+            args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--save", "", "--appendonly", "no"]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        process = RedisProcess(name, port, workdir, proc, client_kwargs or {})
+        process = RedisProcess(name, port, workdir, proc, client_kwargs or {}, args)
         self.processes.append(process)
         if ready:
             self.wait_ping(process)
         return process
+
+    def restart(self, process: RedisProcess) -> float:
+        """Start a stopped or killed `process` again: same port, config and data directory.
+
+        Returns the seconds until it answered PING.
+        """
+        if process.proc.poll() is None:
+            raise RuntimeError(f"{process.name} is still running")
+        if process.proc.stderr is not None:
+            process.proc.stderr.close()
+        started = time.monotonic()
+        process.proc = subprocess.Popen(
+            process.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.wait_ping(process)
+        return time.monotonic() - started
 
     def wait_ping(self, process: RedisProcess, timeout: float = 10.0) -> None:
         def answers() -> bool:
