@@ -5,8 +5,8 @@ verifying upstream of `test_refresh_storm` run in threads of this process; the I
 endpoint is slowed down or broken with its knobs. A session is "due" 3 s after its last
 refresh (`before_expiry` 3s): requests sent then must refresh it, while its token still works.
 
-Left out: a garbage /token body (needs a proxy IdP that is also the issuer), an IdP slower
-than the lock TTL, and Redis restarted during a refresh.
+A garbage /token body, an IdP slower than the lock TTL and Redis restarted during a refresh
+are in `test_refresh_faults`, which reuses this module's helpers.
 """
 
 from __future__ import annotations

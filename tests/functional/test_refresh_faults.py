@@ -1,0 +1,497 @@
+"""Refresh faults left out of `test_refresh_chaos` (issue 4 "Tests", DESIGN §5 step 5-6, §6).
+
+Real sidecar processes, real Redis, the threaded dev IdP of this module (6-second access
+tokens, rotation and reuse detection) and the verifying upstream of `test_refresh_storm`:
+
+- /token answers an unparsable 200 (a proxy's HTML page; a truncated JSON body);
+- the IdP answers later than the lock TTL (it rotated at once, like a real IdP);
+- Redis is killed and restarted (same port, fsync'd append-only file) during a refresh.
+
+Each asserts what DESIGN §5 promises: one IdP call per attempt, never a retry of a call that
+may have reached the IdP, a clean outcome (200, 401 or 503 with Retry-After; never a 500, a
+hang or a forwarded token the IdP refuses) and no reuse detection the design does not accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+
+from sidecar.devidp.provider import GarbageKind
+from tests.conftest import REDIS_URL
+from tests.functional.redis_topologies import Fleet, RedisProcess
+from tests.functional.test_refresh_chaos import (
+    DUE_AFTER,
+    REFRESH,
+    burst,
+    client,
+    delta,
+    new_storm,
+    set_delay,
+    start,
+)
+from tests.functional.test_refresh_storm import (
+    COOKIE,
+    Result,
+    StartSidecar,
+    Storm,
+    Target,
+    VerifyingUpstream,
+    idp_stats,
+    login,
+    outcome,
+    refresh_metrics,
+    replica_config,
+    set_token_failures,
+    statuses,
+)
+from tests.idp import ThreadedIdP
+
+ACCESS_TTL = 6.0  # read by the `idp` fixture of tests/functional/conftest.py
+BACKOFF_1 = 1.05  # seconds: the backoff after a first failure is 0.5-1 s (jitter)
+# The sidecar stops forwarding a token with less than lifetime / 10 left (0.6 s here), and
+# counts its expiry from the code exchange: 5.6 s after login the token counts as expired.
+EXPIRED_AFTER = 5.6
+
+
+@pytest.fixture
+def faulty_idp(idp: ThreadedIdP) -> Iterator[ThreadedIdP]:
+    """The module's IdP; every token endpoint knob is reset after the test."""
+    yield idp
+    set_delay(idp, 0.0)
+    set_token_failures(idp, 0)
+    set_garbage(idp, 0)
+
+
+def set_garbage(idp: ThreadedIdP, n: int, kind: GarbageKind = "html") -> None:
+    """The next `n` /token answers are unparsable 200s of `kind` (see `DevIdP`)."""
+    idp.call(setattr, idp.idp, "token_endpoint_garbage_kind", kind)
+    idp.call(setattr, idp.idp, "token_endpoint_garbage", n)
+
+
+class EventLog:
+    """Messages published on session channels, as (channel, kind), in arrival order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self._arrived = asyncio.Event()
+
+    def add(self, channel: str, kind: bytes) -> None:
+        self.items.append((channel, kind))
+        self._arrived.set()
+
+    async def kinds(self, n: int, wait: float = 2.0) -> list[bytes]:
+        """The kinds so far, once there are at least `n` or `wait` seconds have passed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while len(self.items) < n:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        return [kind for _, kind in self.items]
+
+    def channel(self, i: int) -> str:
+        return self.items[i][0]
+
+
+@asynccontextmanager
+async def session_events(url: str, prefix: str) -> AsyncIterator[EventLog]:
+    """Listen to the prefix's session channels (`p:ev:{h}`) as the replicas publish."""
+    conn = redis.Redis.from_url(url)
+    pubsub = conn.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe(f"{prefix}:ev:*")
+    log = EventLog()
+
+    async def read() -> None:
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message["type"] == "pmessage":
+                log.add(message["channel"].decode(), message["data"])
+
+    reader = asyncio.create_task(read())
+    try:
+        yield log
+    finally:
+        reader.cancel()
+        await asyncio.wait({reader}, timeout=2.0)
+        await pubsub.aclose()
+        await conn.aclose()
+
+
+async def answer(http: aiohttp.ClientSession, base: str, cookie: str) -> tuple[int, str, str]:
+    """One API call: its status, its Retry-After header and its raw body text."""
+    headers = {"Accept": "application/json", "Cookie": f"{COOKIE}={cookie}"}
+    async with http.get(base + "/api/faults", headers=headers, allow_redirects=False) as r:
+        return r.status, r.headers.get("Retry-After", ""), await r.text()
+
+
+def outcomes(samples: list[dict[str, float]], name: str) -> float:
+    """One refresh outcome, summed over the replicas."""
+    return sum(outcome(m, name) for m in samples)
+
+
+def assert_unavailable(results: list[Result]) -> None:
+    """DESIGN §6, token expired and the IdP unusable: 503, Retry-After, a short JSON body."""
+    for r in results:
+        assert r.status == 503, (r.status, r.body)
+        assert r.retry_after is not None and int(r.retry_after) >= 1, r.retry_after
+        assert r.body is not None and r.body.get("error") == "refresh_unavailable", r.body
+
+
+# --- 1. an unparsable token response --------------------------------------------------------
+
+
+GARBAGE_DELAY = 0.5  # the broken answers are slow too, so that waiters gather at the lock
+
+
+async def test_garbage_token_answer_is_transient(
+    faulty_idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_prefix: str,
+) -> None:
+    """An unparsable 200 from /token: one call, backoff, failure published, session kept.
+
+    An HTML page (no grant spent) leaves a session that refreshes after the backoff; a
+    truncated JSON answer to an expired session gives 503 + Retry-After, and the rotation it
+    hid ends the session cleanly (401) at the next attempt.
+    """
+    idp = faulty_idp
+    a, b = start(2, idp, upstream, redis_prefix, sidecar_process)
+    alice, bob = await asyncio.gather(login(a.base, "alice"), login(a.base, "bob"))
+    issued = time.monotonic()
+    ta = [Target(p.base, alice, i, "alice") for i, p in enumerate((a, b))]
+    tb = [Target(p.base, bob, i, "bob") for i, p in enumerate((a, b))]
+    storm = new_storm(ta + tb)
+    async with client() as http, session_events(REDIS_URL, redis_prefix) as events:
+        first = await storm._one(http, ta[0])
+        assert first.status == 200 and first.ok
+        old = first.token
+        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
+
+        # An HTML page in place of the token response, to 2 x 10 concurrent calls.
+        set_delay(idp, GARBAGE_DELAY)
+        set_garbage(idp, 1, "html")
+        s0 = idp_stats(idp)
+        t = storm.now()
+        html = await burst(storm, http, ta, 10)
+        longest = max(r.ended for r in html) - t
+        during = await burst(storm, http, ta, 2)  # inside the backoff
+        s1 = idp_stats(idp)
+        kinds = await events.kinds(1)
+        print(
+            f"[garbage html] {dict(statuses(html))} longest {longest:.2f}s (IdP {GARBAGE_DELAY}s)"
+            f"; during the backoff {dict(statuses(during))}; token_requests "
+            f"+{delta(s1, s0, 'token_requests')} grants +{delta(s1, s0, 'refresh_grants')}; "
+            f"events {kinds}"
+        )
+        assert all(r.status == 200 and r.ok and r.token == old for r in html + during), [
+            (r.status, r.body) for r in html + during if r.status != 200
+        ]
+        assert delta(s1, s0, "token_requests") == 1  # never retried, by no waiter either
+        assert delta(s1, s0, "refresh_grants") == 0
+        assert kinds == [b"failed"]  # the waiters on the other replica were told
+        assert longest < GARBAGE_DELAY + 1.0, "waiters did not stop at the published failure"
+
+        # The session was kept: after the backoff it refreshes.
+        set_delay(idp, 0.0)
+        await asyncio.sleep(BACKOFF_1)
+        after = await storm._one(http, ta[1])
+        s2 = idp_stats(idp)
+        assert after.status == 200 and after.ok and after.token != old, after
+        assert delta(s2, s1, "refresh_grants") == 1
+        kinds = await events.kinds(2)
+        assert kinds == [b"failed", b"refreshed"] and events.channel(0) == events.channel(1)
+
+        # A truncated JSON answer (the IdP did rotate) while bob's token has expired.
+        await asyncio.sleep(max(0.0, issued + EXPIRED_AFTER - time.monotonic()))
+        set_delay(idp, GARBAGE_DELAY)
+        set_garbage(idp, 1, "truncated_json")
+        t = storm.now()
+        cut = await burst(storm, http, tb, 10)
+        longest = max(r.ended for r in cut) - t
+        status, retry_after, text = await answer(http, b.base, bob)  # inside the backoff
+        s3 = idp_stats(idp)
+        kinds = await events.kinds(3)
+        print(
+            f"[garbage truncated] expired token: {dict(statuses(cut))} Retry-After "
+            f"{sorted({r.retry_after for r in cut})} longest {longest:.2f}s; during the backoff "
+            f"{status}; token_requests +{delta(s3, s2, 'token_requests')} "
+            f"grants +{delta(s3, s2, 'refresh_grants')}; events {kinds}"
+        )
+        assert_unavailable(cut)
+        assert status == 503 and int(retry_after) >= 1, (status, text)
+        assert "Traceback" not in text and "refresh_unavailable" in text, text
+        assert delta(s3, s2, "token_requests") == 1
+        assert delta(s3, s2, "refresh_grants") == 1  # rotated at the IdP, answer lost
+        assert kinds[2:] == [b"failed"] and events.channel(2) != events.channel(0)
+        assert longest < GARBAGE_DELAY + 1.0, "waiters did not stop at the published failure"
+
+        # The next attempt presents the refresh token the IdP rotated away: a clean 401.
+        set_delay(idp, 0.0)
+        await asyncio.sleep(BACKOFF_1)
+        ended = await burst(storm, http, tb, 3)
+        s4 = idp_stats(idp)
+        kinds = await events.kinds(4)
+        assert {r.status for r in ended} == {401}, statuses(ended)
+        assert delta(s4, s3, "token_requests") == 1
+        assert delta(s4, s3, "reuse_detected") == 1
+        assert kinds[3:] == [b"ended"] and events.channel(3) == events.channel(2)
+    metrics = [await refresh_metrics(p.management) for p in (a, b)]
+    print(
+        f"[garbage] transient={outcomes(metrics, 'transient'):g} "
+        f"unavailable={outcomes(metrics, 'unavailable'):g} "
+        f"refreshed={outcomes(metrics, 'refreshed'):g} "
+        f"lost_rotation={outcomes(metrics, 'invalid_grant_lost_rotation'):g}"
+    )
+    # The failure that left no usable token is counted as `unavailable` (answered 503) by
+    # the holder, and by the other replica's refresh task that waited for it.
+    assert outcomes(metrics, "transient") == 1
+    assert 1 <= outcomes(metrics, "unavailable") <= 2
+    assert outcomes(metrics, "refreshed") == 1
+    assert outcomes(metrics, "invalid_grant_lost_rotation") == 1
+
+
+# --- 2. an IdP slower than the lock TTL -------------------------------------------------------
+
+
+SLOW_REFRESH = {"before_expiry": "3s", "idp_timeout": "1s", "lock_ttl": "2s", "wait_timeout": "2s"}
+SLOW_DELAY = 3.0  # the IdP's answer: later than idp_timeout and than lock_ttl
+
+
+async def test_idp_slower_than_lock_ttl(
+    faulty_idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_prefix: str,
+) -> None:
+    """IdP answers after the lock TTL: the holder gives up at idp_timeout, nobody calls in turn.
+
+    The IdP rotated at once, so the next attempt after the backoff is refused as reuse and
+    the session ends cleanly (401 for API calls, 302 to login for a browser): DESIGN §5's
+    accepted hole, counted as a lost rotation, with one grant for the one rotation.
+    """
+    idp = faulty_idp
+    a, b = start(2, idp, upstream, redis_prefix, sidecar_process, SLOW_REFRESH)
+    cookie = await login(a.base, "alice")
+    issued = time.monotonic()
+    targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate((a, b))]
+    storm = new_storm(targets)
+    async with client() as http:
+        first = await storm._one(http, targets[1])
+        assert first.status == 200 and first.ok
+        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
+
+        set_delay(idp, SLOW_DELAY)
+        s0 = idp_stats(idp)
+        t = storm.now()
+        slow = await burst(storm, http, targets, 20)
+        longest = max(r.ended for r in slow) - t
+        async with redis.Redis.from_url(REDIS_URL) as conn:  # released, not left to expire
+            lock_keys = [k async for k in conn.scan_iter(match=f"{redis_prefix}:lock:*")]
+        during = await burst(storm, http, targets, 2)  # inside the backoff
+        s1 = idp_stats(idp)
+        # Until the IdP has sent its late answer, well past the lock TTL.
+        await asyncio.sleep(max(0.0, t + SLOW_DELAY + 0.2 - storm.now()))
+        s2 = idp_stats(idp)
+        print(
+            f"[IdP slower than lock TTL] {dict(statuses(slow))} longest {longest:.2f}s "
+            f"(idp_timeout 1s, lock_ttl 2s, IdP {SLOW_DELAY}s); during the backoff "
+            f"{dict(statuses(during))}; token_requests +{delta(s1, s0, 'token_requests')} "
+            f"then +{delta(s2, s1, 'token_requests')} until the IdP answered"
+        )
+        assert all(r.status == 200 and r.ok and r.token == first.token for r in slow + during)
+        assert 1.0 <= longest < 2.0, f"the holder gave up after {longest:.2f}s, not idp_timeout"
+        assert delta(s2, s0, "token_requests") == 1, "another replica called the IdP in turn"
+        assert delta(s2, s0, "refresh_grants") == 1  # the IdP rotated before its delay
+        assert lock_keys == []
+
+        set_delay(idp, 0.0)
+        ended = await burst(storm, http, targets, 10)
+        s3 = idp_stats(idp)
+        async with http.get(
+            a.base + "/app/page",
+            headers={"Accept": "text/html", "Cookie": f"{COOKIE}={cookie}"},
+            allow_redirects=False,
+        ) as r:
+            navigation = (r.status, r.headers.get("Location", ""))
+        print(
+            f"[IdP slower than lock TTL] next attempt: {dict(statuses(ended))}, browser "
+            f"{navigation}; token_requests +{delta(s3, s2, 'token_requests')} "
+            f"reuse +{delta(s3, s2, 'reuse_detected')}"
+        )
+        assert {r.status for r in ended} == {401}, statuses(ended)
+        assert navigation[0] == 302 and navigation[1].startswith("/oauth2/start"), navigation
+        assert delta(s3, s2, "token_requests") == 1
+        assert delta(s3, s2, "reuse_detected") == 1
+        assert delta(s3, s0, "refresh_grants") == 1  # one grant for the one rotation
+    metrics = [await refresh_metrics(p.management) for p in (a, b)]
+    assert outcomes(metrics, "transient") == 1
+    assert outcomes(metrics, "invalid_grant_lost_rotation") == 1
+
+
+# --- 3. Redis restarted during a refresh ------------------------------------------------------
+
+
+RESTART_REFRESH = {**REFRESH, "idp_timeout": "3s"}
+RESTART_DELAY = 2.0  # the IdP's answer; Redis is down from 0.3 s to about 0.9 s of it
+KILL_AT = 0.3  # seconds into the grant: the IdP has rotated, its answer is on its way
+
+
+def persistent_replicas(
+    idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_fleet: Fleet,
+    refresh: dict[str, str],
+) -> tuple[RedisProcess, list[Any]]:
+    """An own redis-server with an fsync'd append-only file, and two replicas on it."""
+    server = redis_fleet.start("persistent", [], persist=True)
+    replicas = []
+    for _ in range(2):
+        config = replica_config(idp, upstream.url, "restart")
+        config["redis"] = {"url": f"redis://127.0.0.1:{server.port}/0", "key_prefix": "restart"}
+        config["refresh"] = dict(refresh)
+        replicas.append(sidecar_process(config))
+    return server, replicas
+
+
+async def during_outage(
+    storm: Storm, http: aiohttp.ClientSession, targets: list[Target], seconds: float
+) -> list[Result]:
+    """Waves of calls on every replica for `seconds`, while Redis is down."""
+    results: list[Result] = []
+    until = storm.now() + seconds
+    while storm.now() < until:
+        results += await burst(storm, http, targets, 5)
+        await asyncio.sleep(0.05)
+    return results
+
+
+async def test_redis_restarted_during_refresh(
+    faulty_idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_fleet: Fleet,
+) -> None:
+    """Redis killed mid-grant and back before the answer: 503 meanwhile, then the new token.
+
+    The session, the lock and the attempt mark survive in the append-only file; the holder's
+    fenced write lands on the restarted server, so nobody logs in again and the IdP sees
+    neither a second grant nor a reused refresh token.
+    """
+    idp = faulty_idp
+    server, replicas = persistent_replicas(
+        idp, upstream, sidecar_process, redis_fleet, RESTART_REFRESH
+    )
+    cookie = await login(replicas[0].base, "alice")
+    issued = time.monotonic()
+    targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate(replicas)]
+    storm = new_storm(targets)
+    async with client(total=10.0) as http:
+        first = await storm._one(http, targets[1])
+        assert first.status == 200 and first.ok
+        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
+
+        set_delay(idp, RESTART_DELAY)
+        s0 = idp_stats(idp)
+        holder = asyncio.create_task(storm._one(http, targets[0]))
+        await asyncio.sleep(KILL_AT)
+        server.kill()
+        killed = storm.now()
+        outage = await during_outage(storm, http, targets, 0.5)
+        down_for = storm.now() - killed
+        up_after = await asyncio.to_thread(redis_fleet.restart, server)
+        back = storm.now()
+        held = await holder
+        later = await burst(storm, http, targets, 10)
+        s1 = idp_stats(idp)
+    slowest = max(r.ended - r.started for r in [*outage, held, *later])
+    print(
+        f"[redis restart] outage requests {dict(statuses(outage))} over {down_for:.2f}s, "
+        f"Redis answered {up_after:.2f}s after the restart; holder {held.status} "
+        f"(ended {held.ended - back:.2f}s after Redis was back); afterwards "
+        f"{dict(statuses(later))}; slowest request {slowest:.2f}s; token_requests "
+        f"+{delta(s1, s0, 'token_requests')} grants +{delta(s1, s0, 'refresh_grants')} "
+        f"reuse +{delta(s1, s0, 'reuse_detected')}"
+    )
+    assert outage and {r.status for r in outage} == {503}, statuses(outage)
+    assert held.status == 200 and held.ok and held.token != first.token, held
+    assert all(r.status == 200 and r.ok and r.token == held.token for r in later), statuses(later)
+    assert delta(s1, s0, "token_requests") == 1
+    assert delta(s1, s0, "refresh_grants") == 1
+    assert delta(s1, s0, "reuse_detected") == 0
+    assert delta(s1, s0, "code_exchanges") == 0
+    assert slowest < 5.0 + 1.0, f"a request took {slowest:.2f}s: beyond wait_timeout"
+    metrics = [await refresh_metrics(p.management) for p in replicas]
+    assert outcomes(metrics, "refreshed") == 1
+
+
+LOST_REFRESH = {
+    "before_expiry": "3s",
+    "idp_timeout": "1.5s",
+    "lock_ttl": "3s",
+    "wait_timeout": "3s",
+}
+LOST_DELAY = 1.0  # the IdP's answer arrives while Redis is still down
+
+
+async def test_redis_down_when_the_grant_answers(
+    faulty_idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_fleet: Fleet,
+) -> None:
+    """Redis down from before the IdP's answer until after it: the rotation is lost, cleanly.
+
+    DESIGN §5's one hole: the new refresh token could not be stored. The holder answers 503,
+    and once Redis is back the next attempt (after the orphaned lock's TTL, within
+    wait_timeout) meets reuse detection: 401, a lost rotation in the metrics, no 500, no hang.
+    """
+    idp = faulty_idp
+    server, replicas = persistent_replicas(
+        idp, upstream, sidecar_process, redis_fleet, LOST_REFRESH
+    )
+    cookie = await login(replicas[0].base, "alice")
+    issued = time.monotonic()
+    targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate(replicas)]
+    storm = new_storm(targets)
+    async with client(total=10.0) as http:
+        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
+        set_delay(idp, LOST_DELAY)
+        s0 = idp_stats(idp)
+        holder = asyncio.create_task(storm._one(http, targets[0]))
+        await asyncio.sleep(KILL_AT)
+        server.kill()
+        outage = await during_outage(storm, http, targets, LOST_DELAY)
+        held = await holder
+        set_delay(idp, 0.0)
+        await asyncio.to_thread(redis_fleet.restart, server)
+        back = storm.now()
+        later = await burst(storm, http, targets, 10)
+        settled = max(r.ended for r in later) - back
+        s1 = idp_stats(idp)
+    slowest = max(r.ended - r.started for r in [*outage, held, *later])
+    metrics = [await refresh_metrics(p.management) for p in replicas]
+    print(
+        f"[redis down at the answer] outage {dict(statuses(outage))}; holder {held.status}; "
+        f"after the restart {dict(statuses(later))} within {settled:.2f}s; slowest request "
+        f"{slowest:.2f}s; token_requests +{delta(s1, s0, 'token_requests')} "
+        f"grants +{delta(s1, s0, 'refresh_grants')} reuse +{delta(s1, s0, 'reuse_detected')}; "
+        f"lost_rotation={outcomes(metrics, 'invalid_grant_lost_rotation'):g}"
+    )
+    assert outage and {r.status for r in outage} == {503}, statuses(outage)
+    assert held.status == 503, (held.status, held.body)
+    assert {r.status for r in later} == {401}, statuses(later)
+    assert delta(s1, s0, "refresh_grants") == 1
+    assert delta(s1, s0, "token_requests") == 2  # the lost grant, then the one that met reuse
+    assert delta(s1, s0, "reuse_detected") == 1
+    assert outcomes(metrics, "invalid_grant_lost_rotation") == 1
+    assert slowest < 3.0 + 1.5 + 1.0, f"a request took {slowest:.2f}s: beyond wait_timeout"
