@@ -15,8 +15,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import login
-from sidecar.access import allowed
+from sidecar.admission import Admission
 from sidecar.appkeys import (
+    ADMISSION,
     CONFIG,
     COOKIES,
     EVENTS,
@@ -31,13 +32,13 @@ from sidecar.appkeys import (
 from sidecar.config import Config
 from sidecar.errors import StoreUnavailable
 from sidecar.forward_auth import forward_auth
-from sidecar.headers import ForwardedPolicy, identity_headers, injected_names
+from sidecar.headers import ForwardedPolicy, injected_names
 from sidecar.health import Readiness, healthz, readyz
 from sidecar.logging import REQUEST_ID
 from sidecar.metrics import Metrics
 from sidecar.middleware import add_request_id, map_errors, observe
 from sidecar.oidc import OIDCClient
-from sidecar.proxy import Router, Upstream, path_matches
+from sidecar.proxy import PathPrefixes, Router, Upstream
 from sidecar.refresh import (
     Events,
     Locks,
@@ -57,8 +58,7 @@ __all__ = ["build_apps"]
 log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
-# Client copies of every header the sidecar injects, computed once, not per request.
-DROPPED: Final = web.AppKey("dropped_headers", frozenset[str])
+PUBLIC: Final = web.AppKey("public_paths", PathPrefixes)
 _CLOSE_TIMEOUT: Final = 2.0  # a background task gets this long to stop at shutdown
 
 
@@ -72,7 +72,13 @@ def build_apps(
     metrics = Metrics()
     readiness = Readiness(config.management.readiness_requires)
     policy = ForwardedPolicy(config.server.trusted_proxies)
-    router = Router(Upstream(u, policy, metrics) for u in config.upstreams)
+    cookies = Cookies(config.session)
+    # Client copies of every injected header are dropped, even on public paths.
+    dropped = injected_names(config.inject)
+    router = Router(
+        Upstream(u, policy, metrics, drop=dropped, cookie_filter=cookies.strip)
+        for u in config.upstreams
+    )
     if store is None:
         store = (
             MemorySessionStore()
@@ -104,8 +110,9 @@ def build_apps(
     main[SESSIONS] = sessions
     main[EVENTS] = events
     main[REFRESHER] = Refresher(sessions, oidc, locks, events, config.refresh, metrics)
-    main[COOKIES] = Cookies(config.session)
-    main[DROPPED] = injected_names(config.inject)
+    main[COOKIES] = cookies
+    main[ADMISSION] = Admission(config.access, config.inject)
+    main[PUBLIC] = PathPrefixes(config.public_paths)
     main.cleanup_ctx.append(_upstream_pools)
     main.cleanup_ctx.append(_session_store)
     main.cleanup_ctx.append(_identity_provider)
@@ -147,7 +154,10 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
         readiness.register("redis")
         probe = asyncio.create_task(_probe_store(store, readiness, stop))
     await app[EVENTS].start()
+    changes = asyncio.create_task(app[SESSIONS].follow_changes(), name="session-changes")
     yield
+    changes.cancel()
+    await asyncio.wait({changes}, timeout=_CLOSE_TIMEOUT)
     await app[EVENTS].close()
     stop.set()
     if probe is not None:
@@ -183,27 +193,25 @@ async def _identity_provider(app: web.Application) -> AsyncIterator[None]:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     """Everything that is not a sidecar endpoint: session → access rules → headers → upstream."""
-    config = request.app[CONFIG]
     upstream = request.app[ROUTER].match(request.path)
     if upstream is None:
         request[ROUTE] = "unrouted"
         return error_response(request, 404, "no_upstream", "no upstream serves this path")
     request[ROUTE] = upstream.prefix
     extra = [("X-Request-Id", request[REQUEST_ID])]
-    cookies = request.app[COOKIES]
-    drop = request.app[DROPPED]
-    if any(path_matches(request.path, p) for p in config.public_paths):
-        return await upstream.forward(request, extra=extra, drop=drop, cookie_filter=cookies.strip)
+    if request.path in request.app[PUBLIC]:
+        return await upstream.forward(request, extra)
 
-    session = await request.app[SESSIONS].load(cookies.session_id(request))
+    cookies = request.app[COOKIES]
+    session = await request.app[SESSIONS].current(cookies.session_id(request))
     if session is None:
         return login.unauthenticated(request)
     session = await request.app[REFRESHER].ensure_fresh(session)
-    record = session.record
-    if not allowed(record.claims, (config.access, upstream.config.access)):
+    identity = request.app[ADMISSION].headers(session, upstream.prefix, upstream.config.access)
+    if identity is None:
         return error_response(request, 403, "forbidden", "you are not allowed to see this")
-    extra.extend(identity_headers(record, config.inject))
-    return await upstream.forward(request, extra=extra, drop=drop, cookie_filter=cookies.strip)
+    extra.extend(identity)
+    return await upstream.forward(request, extra)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

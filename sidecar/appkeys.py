@@ -6,6 +6,7 @@ from typing import Final
 
 from aiohttp import web
 
+from sidecar.admission import Admission
 from sidecar.config import Config
 from sidecar.health import READINESS
 from sidecar.metrics import Metrics
@@ -16,6 +17,7 @@ from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
 
 __all__ = [
+    "ADMISSION",
     "CONFIG",
     "COOKIES",
     "EVENTS",
@@ -28,6 +30,7 @@ __all__ = [
     "SESSIONS",
 ]
 
+ADMISSION: Final = web.AppKey("admission", Admission)
 CONFIG: Final = web.AppKey("config", Config)
 METRICS: Final = web.AppKey("metrics", Metrics)
 ROUTER: Final = web.AppKey("router", Router)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.access import allowed
-from sidecar.appkeys import CONFIG, COOKIES, REFRESHER, ROUTE, SESSIONS
+from sidecar.appkeys import ADMISSION, COOKIES, REFRESHER, ROUTE, SESSIONS
 from sidecar.errors import SessionEnded
-from sidecar.headers import identity_headers
 from sidecar.login import START_PATH, unauthorized_json
 from sidecar.responses import error_response
 
@@ -22,17 +20,17 @@ __all__ = ["forward_auth"]
 async def forward_auth(request: web.Request) -> web.StreamResponse:
     """202 and identity headers for a valid session; 401 or 403 otherwise."""
     request[ROUTE] = "oauth2_auth"
-    config = request.app[CONFIG]
-    session = await request.app[SESSIONS].load(request.app[COOKIES].session_id(request))
+    session = await request.app[SESSIONS].current(request.app[COOKIES].session_id(request))
     if session is None:
         return unauthorized_json(START_PATH)
     try:
         session = await request.app[REFRESHER].ensure_fresh(session)
     except SessionEnded:
         return unauthorized_json(START_PATH)
-    if not allowed(session.record.claims, (config.access,)):
+    identity = request.app[ADMISSION].headers(session, "")
+    if identity is None:
         return error_response(request, 403, "forbidden", "you are not allowed to see this")
     response = web.Response(status=202, headers={"Cache-Control": "no-store"})
-    for name, value in identity_headers(session.record, config.inject):
+    for name, value in identity:
         response.headers[name] = value
     return response

@@ -18,10 +18,10 @@ from sidecar.session.record import SessionRecord
 
 __all__ = [
     "ForwardedPolicy",
+    "RequestHeaderFilter",
     "identity_headers",
     "injected_names",
     "response_headers",
-    "upstream_headers",
 ]
 
 # RFC 9110 §7.6.1 plus the non-standard ones proxies are expected to drop.
@@ -90,46 +90,69 @@ class ForwardedPolicy:
         return any(address in network for network in self._networks)
 
 
-def upstream_headers(
-    request: web.BaseRequest,
-    policy: ForwardedPolicy,
-    *,
-    pass_host: bool,
-    drop: frozenset[str] = frozenset(),
-    cookie_filter: Callable[[str], str] | None = None,
-) -> CIMultiDict[str]:
-    """The client's headers as the upstream should see them, with `X-Forwarded-*` set.
+class RequestHeaderFilter:
+    """Which client headers go upstream: the skip sets are built once per upstream.
 
-    `drop` names are compared after `_` → `-`, so `X_Forwarded_User` cannot slip past a
-    server that treats the two alike; `cookie_filter` removes the sidecar's own cookies.
+    `drop` names (the headers the sidecar injects) are compared after `_` → `-` as well, so
+    `X_Forwarded_User` cannot slip past a server that treats the two alike; `cookie_filter`
+    removes the sidecar's own cookies.
     """
-    incoming = request.headers
-    skip = _NOT_FORWARDED | _connection_tokens(incoming) | drop
-    trusted = policy.trusts(request.remote)
-    if not trusted:
-        skip |= _FORWARDED
-    if not pass_host:
-        skip |= {"host"}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lowered = name.lower()
-        if lowered in skip or (drop and lowered.replace("_", "-") in drop):
-            continue
-        if cookie_filter is not None and lowered == "cookie":
-            value = cookie_filter(value)
-            if not value:
-                continue
-        out.add(name, value)
 
-    peer = request.remote or ""
-    # A trusted chain may arrive as several header lines; they form one list (RFC 9110 §5.3).
-    prior = ", ".join(out.getall("X-Forwarded-For", ())) if trusted else ""
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    if not (trusted and "X-Forwarded-Proto" in out):
-        out["X-Forwarded-Proto"] = request.scheme
-    if not (trusted and "X-Forwarded-Host" in out) and request.host:
-        out["X-Forwarded-Host"] = request.host
-    return out
+    __slots__ = ("_cookie_filter", "_drop", "_policy", "_trusted_skip", "_untrusted_skip")
+
+    def __init__(
+        self,
+        policy: ForwardedPolicy,
+        *,
+        pass_host: bool,
+        drop: frozenset[str] = frozenset(),
+        cookie_filter: Callable[[str], str] | None = None,
+    ) -> None:
+        base = _NOT_FORWARDED | drop | (frozenset() if pass_host else {"host"})
+        self._trusted_skip = base
+        self._untrusted_skip = base | _FORWARDED
+        self._drop = drop
+        self._policy = policy
+        self._cookie_filter = cookie_filter
+
+    def __call__(self, request: web.BaseRequest) -> list[tuple[str, str]]:
+        """The client's headers as the upstream should see them, with `X-Forwarded-*` set."""
+        incoming = request.headers
+        peer = request.remote or ""
+        trusted = self._policy.trusts(peer)
+        skip = self._trusted_skip if trusted else self._untrusted_skip
+        if "Connection" in incoming:
+            skip = skip | _connection_tokens(incoming)
+        drop = self._drop
+        cookie_filter = self._cookie_filter
+        out: list[tuple[str, str]] = []
+        prior: list[str] = []
+        proto = host = None
+        for name, value in incoming.items():
+            lowered = name.lower()
+            if lowered in skip or ("_" in lowered and lowered.replace("_", "-") in drop):
+                continue
+            if lowered == "cookie" and cookie_filter is not None:
+                value = cookie_filter(value)
+                if not value:
+                    continue
+            elif trusted and lowered.startswith("x-forwarded-"):
+                # A trusted chain may arrive as several lines; they form one list (RFC 9110 §5.3).
+                if lowered == "x-forwarded-for":
+                    prior.append(value)
+                    continue
+                if lowered == "x-forwarded-proto":
+                    proto = value
+                elif lowered == "x-forwarded-host":
+                    host = value
+            out.append((name, value))
+        prior.append(peer)
+        out.append(("X-Forwarded-For", ", ".join(prior)))
+        if proto is None:
+            out.append(("X-Forwarded-Proto", request.scheme))
+        if host is None and request.host:
+            out.append(("X-Forwarded-Host", request.host))
+        return out
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:

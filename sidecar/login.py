@@ -211,7 +211,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
 async def userinfo(request: web.Request) -> web.StreamResponse:
     """The session's identity and expiry times as JSON, or 401."""
     request[ROUTE] = "oauth2_userinfo"
-    session = await request.app[SESSIONS].load(request.app[COOKIES].session_id(request))
+    session = await request.app[SESSIONS].current(request.app[COOKIES].session_id(request))
     if session is None:
         return unauthenticated(request)
     record = session.record

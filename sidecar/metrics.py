@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -70,6 +72,22 @@ class Metrics:
             "Refresh lock acquisitions that found the session's lock held elsewhere.",
             registry=self.registry,
         )
+
+        # Labelled children by label values: `labels()` costs a lock and a tuple per call.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and observe its duration (the per-request hot path)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

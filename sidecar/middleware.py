@@ -49,10 +49,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         metrics.in_flight.dec()
-        route = request.get(ROUTE, "none")
-        method = request.method if request.method in _METHODS else "OTHER"
-        metrics.requests.labels(route, method, str(status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        method = request.method
+        metrics.request_done(
+            request.get(ROUTE, "none"),
+            method if method in _METHODS else "OTHER",
+            status,
+            time.perf_counter() - started,
+        )
 
 
 @web.middleware

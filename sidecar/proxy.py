@@ -13,15 +13,19 @@ from typing import Final
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
-from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.config import UpstreamConfig
 from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from sidecar.headers import WEBSOCKET_HANDSHAKE, ForwardedPolicy, response_headers, upstream_headers
+from sidecar.headers import (
+    WEBSOCKET_HANDSHAKE,
+    ForwardedPolicy,
+    RequestHeaderFilter,
+    response_headers,
+)
 from sidecar.metrics import Metrics
 
-__all__ = ["Router", "Upstream"]
+__all__ = ["PathPrefixes", "Router", "Upstream", "path_matches"]
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -37,12 +41,26 @@ _UNSENDABLE_CLOSE: Final = {1005: 1000, 1006: 1011, 1015: 1011}
 class Upstream:
     """One configured upstream and its connection pool."""
 
-    def __init__(self, config: UpstreamConfig, policy: ForwardedPolicy, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        policy: ForwardedPolicy,
+        metrics: Metrics,
+        *,
+        drop: frozenset[str] = frozenset(),
+        cookie_filter: Callable[[str], str] | None = None,
+    ) -> None:
+        """`drop`: client headers never forwarded; `cookie_filter`: edits the `Cookie` header."""
         self.config = config
         self.prefix = config.path
         base = URL(config.url)
         self._base = str(base.origin()) + base.raw_path.rstrip("/")
-        self._policy = policy
+        self._strip = (
+            self.prefix.rstrip("/") if config.strip_prefix and self.prefix != "/" else None
+        )
+        self._headers = RequestHeaderFilter(
+            policy, pass_host=config.pass_host_header, drop=drop, cookie_filter=cookie_filter
+        )
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.timeout
@@ -73,34 +91,24 @@ class Upstream:
     def target(self, request: web.BaseRequest) -> URL:
         """The upstream URL: raw path and query byte for byte, percent-encoding untouched."""
         raw = request.raw_path
-        if self.config.strip_prefix and self.prefix != "/" and raw.startswith(self.prefix):
-            raw = raw[len(self.prefix.rstrip("/")) :]
+        if self._strip is not None and raw.startswith(self.prefix):
+            raw = raw[len(self._strip) :]
             if not raw.startswith("/"):
                 raw = "/" + raw
         return URL(self._base + raw, encoded=True)
 
     async def forward(
-        self,
-        request: web.Request,
-        extra: Iterable[tuple[str, str]] = (),
-        drop: frozenset[str] = frozenset(),
-        cookie_filter: Callable[[str], str] | None = None,
+        self, request: web.Request, extra: Iterable[tuple[str, str]] = ()
     ) -> web.StreamResponse:
         """Send `request` upstream and stream the answer back; `extra` headers are added."""
-        headers = upstream_headers(
-            request,
-            self._policy,
-            pass_host=self.config.pass_host_header,
-            drop=drop,
-            cookie_filter=cookie_filter,
-        )
+        headers = self._headers(request)
         headers.extend(extra)
         if _is_websocket(request):
             return await self._forward_websocket(request, headers)
         return await self._forward_http(request, headers)
 
     async def _forward_http(
-        self, request: web.Request, headers: CIMultiDict[str]
+        self, request: web.Request, headers: list[tuple[str, str]]
     ) -> web.StreamResponse:
         body = request.content if request.body_exists else None
         try:
@@ -117,6 +125,9 @@ class Upstream:
 
         try:
             response = _ProxiedResponse(status=upstream.status, reason=upstream.reason)
+            if upstream.content.is_eof():
+                # The whole body is already here: headers and body leave in one write.
+                response._send_headers_immediately = False
             response.headers.extend(response_headers(upstream.headers))
             await response.prepare(request)
             try:
@@ -135,11 +146,9 @@ class Upstream:
             upstream.release()
 
     async def _forward_websocket(
-        self, request: web.Request, headers: CIMultiDict[str]
+        self, request: web.Request, headers: list[tuple[str, str]]
     ) -> web.StreamResponse:
-        for name in list(headers):
-            if name.lower() in WEBSOCKET_HANDSHAKE:
-                del headers[name]
+        headers = [(k, v) for k, v in headers if k.lower() not in WEBSOCKET_HANDSHAKE]
         protocols = [
             p.strip()
             for value in request.headers.getall("Sec-WebSocket-Protocol", ())
@@ -261,6 +270,21 @@ async def _relay(source: WebSocket, sink: WebSocket) -> None:
             if not sink.closed:
                 await sink.close(code=1011 if kind is WSMsgType.ERROR else 1001)
             return
+
+
+class PathPrefixes:
+    """A set of path prefixes with `path_matches` semantics, checked with one `startswith`."""
+
+    __slots__ = ("_all", "_below", "_exact")
+
+    def __init__(self, prefixes: Iterable[str]) -> None:
+        prefixes = tuple(prefixes)
+        self._all = "/" in prefixes
+        self._exact = frozenset(prefixes)
+        self._below = tuple(p if p.endswith("/") else p + "/" for p in prefixes)
+
+    def __contains__(self, path: str) -> bool:
+        return self._all or path in self._exact or path.startswith(self._below)
 
 
 class Router:

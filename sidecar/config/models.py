@@ -139,6 +139,13 @@ class SessionConfig(_Section):
     same_site: Literal["lax", "strict", "none"] = "lax"
     lifetime: Duration = Field(86400.0, gt=0)
     idle_timeout: Duration = 0.0
+    cache_ttl: Duration = Field(
+        1.0,
+        ge=0,
+        description="how long a replica may reuse a session it opened; changes elsewhere "
+        "reach it within milliseconds through the store's change feed; 0 turns it off",
+    )
+    cache_max_entries: int = Field(10_000, ge=1, description="sessions kept per process")
     encryption_keys: list[Annotated[SecretStr, AfterValidator(_encryption_key)]] = Field(
         min_length=1
     )

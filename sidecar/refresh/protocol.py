@@ -87,6 +87,15 @@ class Refresher:
         decision = self._usable(session.record)
         if decision is True:
             return session
+        # The caller's copy may come from this process's cache: the store has the last word
+        # on a session about to change (and a Redis outage then fails closed, here).
+        latest = await self._sessions.load(session.id)
+        if latest is None:
+            raise SessionEnded("session ended")
+        session = latest
+        decision = self._usable(session.record)
+        if decision is True:
+            return session
         if decision is False:
             self._unavailable(session.record)
 

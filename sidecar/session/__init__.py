@@ -1,9 +1,9 @@
 """Encrypted server-side sessions: keyring, record, stores and the manager joining them."""
 
 from sidecar.session.crypto import Keyring, SealError
-from sidecar.session.manager import LOGIN_TTL, PendingLogin, Session, SessionManager
+from sidecar.session.manager import LOGIN_TTL, PendingLogin, SessionManager
 from sidecar.session.memory_store import MemorySessionStore
-from sidecar.session.record import SessionRecord, new_session_id, session_hash
+from sidecar.session.record import Session, SessionRecord, new_session_id, session_hash
 from sidecar.session.redis_store import RedisSessionStore
 from sidecar.session.store import SessionStore
 

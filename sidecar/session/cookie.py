@@ -26,10 +26,10 @@ class Cookies:
         self._max_age = int(config.lifetime)
 
     def session_id(self, request: web.BaseRequest) -> str | None:
-        return _bounded(request.cookies.get(self.session_name))
+        return _bounded(_cookie(request, self.session_name))
 
     def login_secret(self, request: web.BaseRequest) -> str | None:
-        return _bounded(request.cookies.get(self.login_name))
+        return _bounded(_cookie(request, self.login_name))
 
     def set_session(self, response: web.StreamResponse, session_id: str) -> None:
         self._set(response, self.session_name, session_id, self._max_age, self._same_site)
@@ -62,6 +62,20 @@ class Cookies:
             if part.strip().partition("=")[0].strip() not in self.names
         ]
         return ";".join(kept).strip()
+
+
+def _cookie(request: web.BaseRequest, name: str) -> str | None:
+    """One cookie's value, read straight from the `Cookie` headers (the last one wins, as in
+    `request.cookies`), without parsing every other cookie the browser sends along."""
+    value = None
+    for header in request.headers.getall("Cookie", ()):
+        if name not in header:
+            continue
+        for part in header.split(";"):
+            key, sep, found = part.partition("=")
+            if sep and key.strip() == name:
+                value = found.strip()
+    return value
 
 
 def _bounded(value: str | None) -> str | None:

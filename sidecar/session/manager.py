@@ -6,6 +6,7 @@ is malformed, unknown, expired or fails to decrypt is simply "no session".
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -17,8 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Final
 
 from sidecar.config import SessionConfig
+from sidecar.errors import StoreUnavailable
+from sidecar.session.cache import SessionCache
 from sidecar.session.crypto import Keyring, SealError
-from sidecar.session.record import SessionRecord, new_session_id, session_hash
+from sidecar.session.record import Session, SessionRecord, new_session_id, session_hash
 from sidecar.session.store import SessionStore
 
 __all__ = ["LOGIN_TTL", "PendingLogin", "Session", "SessionManager", "subject_key"]
@@ -28,24 +31,13 @@ log = logging.getLogger("sidecar.session")
 LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (DESIGN §4)
 _SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _TOUCH_MEMORY: Final = 100_000  # sessions whose last idle-timeout touch time is remembered
+_FEED_RETRY: Final = 0.5  # seconds before following the change feed again after it failed
 
 
 def subject_key(issuer: str, value: str) -> str:
     """Index key part for an (issuer, sub) or (issuer, sid) pair; never the raw values."""
     digest = hashlib.sha256(f"{issuer}\x00{value}".encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """A loaded session: the id from the cookie, its hash, and the decrypted record."""
-
-    id: str
-    h: str
-    record: SessionRecord
-
-    def with_record(self, record: SessionRecord) -> Session:
-        return Session(self.id, self.h, record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +66,79 @@ class SessionManager:
         self._config = config
         self._clock = clock
         self._touched: dict[str, float] = {}
+        self._cache = SessionCache(config.cache_ttl, config.cache_max_entries)
+
+    async def current(self, session_id: str | None) -> Session | None:
+        """`load` for a request: a session this process opened moments ago is reused as is."""
+        if session_id is None:
+            return None
+        session = self._cache.get(session_id)
+        if session is None:
+            return await self.load(session_id)
+        if session.record.expires_at <= self._clock():
+            self._cache.forget(session.h)
+            return None
+        if self._config.idle_timeout:
+            await self._touch(session.h, session.record)
+        return session
+
+    @property
+    def caching(self) -> bool:
+        """Whether opened sessions are reused now (only while the change feed is proven)."""
+        return self._cache.enabled
+
+    async def follow_changes(self) -> None:
+        """Keep the cache honest: it is on only while the store's change feed is followed.
+
+        Runs until cancelled; a feed failure turns the cache off until the feed is back.
+        """
+        if self._config.cache_ttl <= 0:
+            return
+        try:
+            while True:
+                try:
+                    await self.store.watch(self._changed)
+                except StoreUnavailable as exc:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise asyncio.CancelledError from exc  # redis-py hid our cancellation
+                    if self._cache.enabled:  # once per outage, not once per retry
+                        log.warning(
+                            "session change feed lost; session cache off until it is back",
+                            extra={"error": str(exc)},
+                        )
+                self._cache.enabled = False
+                self._cache.clear()
+                await asyncio.sleep(_FEED_RETRY)
+        except Exception:
+            log.exception("session change feed failed; session cache off")
+            raise
+        finally:
+            self._cache.enabled = False
+            self._cache.clear()
+
+    def _changed(self, h: str | None) -> None:
+        """From the feed: `h` changed or went; None: (re)subscribed, anything may have changed."""
+        if h is None:
+            self._cache.clear()
+            self._cache.enabled = True
+        else:
+            self._cache.invalidate(h)
 
     async def load(self, session_id: str | None) -> Session | None:
-        """The session named by a cookie value, or None for anything unusable."""
+        """The session named by a cookie value as the store has it now, or None if unusable."""
         if not session_id or not _SESSION_ID.fullmatch(session_id):
             return None
         h = session_hash(session_id)
+        seen = self._cache.changes  # a change announced while we read makes our copy stale
+        session = await self._read(session_id, h)
+        if session is None:
+            self._cache.forget(h)
+            return None
+        self._cache.put(session, seen)
+        return session
+
+    async def _read(self, session_id: str, h: str) -> Session | None:
         found = await self.store.get(h)
         if found is None:
             return None
@@ -92,7 +151,6 @@ class SessionManager:
             return None
         if record.version != version or record.expires_at <= self._clock():
             return None
-        session = Session(session_id, h, record)
         if stale_key:
             # Key rotation: reseal under the current key, same version, fenced.
             await self.store.replace(
@@ -100,7 +158,7 @@ class SessionManager:
             )
         elif self._config.idle_timeout:
             await self._touch(h, record)
-        return session
+        return Session(session_id, h, record)
 
     async def _touch(self, h: str, record: SessionRecord) -> None:
         """Idle timeout: each use pushes the store TTL out again, at most every tenth of it."""
@@ -124,16 +182,22 @@ class SessionManager:
 
     async def save(self, session: Session, record: SessionRecord) -> bool:
         """Fenced write of a new version; False if the session changed or vanished meanwhile."""
-        return await self.store.replace(
+        self._cache.forget(session.h)
+        seen = self._cache.changes
+        saved = await self.store.replace(
             session.h,
             session.record.version,
             record.version,
             self._seal(session.id, session.h, record),
             self.ttl(record),
         )
+        if saved:
+            self._cache.put(session.with_record(record), seen)
+        return saved
 
     async def delete(self, session: Session) -> None:
         """Remove the session and its index entries."""
+        self._cache.forget(session.h)
         await self.store.delete(session.h)
         record = session.record
         try:

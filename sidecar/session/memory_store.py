@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ class MemorySessionStore:
         self._logins: dict[str, tuple[bytes, float]] = {}
         self._indexes: dict[str, dict[str, float]] = {}
         self._attempts: dict[str, float] = {}
+        self._watchers: list[Callable[[str | None], None]] = []
         log.warning(
             "memory session store: sessions live in this process only and vanish on restart; "
             "not for more than one replica or worker"
@@ -47,6 +49,7 @@ class MemorySessionStore:
             return False
         self._records[h] = (version, sealed, self._clock() + ttl)
         self._attempts.pop(h, None)
+        self._announce(h)
         return True
 
     async def touch(self, h: str, ttl: float) -> None:
@@ -63,7 +66,20 @@ class MemorySessionStore:
 
     async def delete(self, h: str) -> bool:
         self._attempts.pop(h, None)
+        self._announce(h)
         return self._records.pop(h, None) is not None
+
+    async def watch(self, changed: Callable[[str | None], None]) -> None:
+        self._watchers.append(changed)
+        try:
+            changed(None)
+            await asyncio.Future()  # until cancelled
+        finally:
+            self._watchers.remove(changed)
+
+    def _announce(self, h: str) -> None:
+        for changed in self._watchers:
+            changed(h)
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
         now = self._clock()

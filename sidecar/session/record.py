@@ -9,7 +9,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Self
 
-__all__ = ["RECORD_FORMAT", "SessionRecord", "new_session_id", "session_hash"]
+__all__ = ["RECORD_FORMAT", "Session", "SessionRecord", "new_session_id", "session_hash"]
 
 RECORD_FORMAT: Final = 1
 _ID_BYTES: Final = 32  # 256-bit session ids (DESIGN §4)
@@ -59,3 +59,15 @@ class SessionRecord:
 
     def evolve(self, **changes: Any) -> SessionRecord:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A loaded session: the id from the cookie, its hash, and the decrypted record."""
+
+    id: str
+    h: str
+    record: SessionRecord
+
+    def with_record(self, record: SessionRecord) -> Session:
+        return Session(self.id, self.h, record)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from sidecar.config import RedisConfig
 from sidecar.errors import StoreUnavailable
 from sidecar.session import redis_connect
+from sidecar.session.redis_changes import follow_changes
 from sidecar.session.redis_connect import RedisClient
 
 __all__ = ["RedisSessionStore", "milliseconds", "translated_errors"]
@@ -32,7 +33,14 @@ if (not v) or v ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
 redis.call('HDEL', KEYS[1], 'a')
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
+"""
+# Delete and announce in one step, so no replica keeps serving the session from its cache.
+_DELETE: Final = """
+local n = redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return n
 """
 # Add a session to an index, trim the expired ones, and keep the key as long as its longest
 # member (Redis 6.2 has no EXPIRE GT).
@@ -65,6 +73,9 @@ class RedisSessionStore:
         self._create = client.register_script(_CREATE)
         self._replace = client.register_script(_REPLACE)
         self._mark_attempt = client.register_script(_MARK_ATTEMPT)
+        self._delete = client.register_script(_DELETE)
+        # Change feed: classic pub/sub, which reaches every node of a Cluster too.
+        self._changes = f"{prefix}:changed"
         self._index = client.register_script(_INDEX)
         self._closed = False
 
@@ -97,7 +108,8 @@ class RedisSessionStore:
     ) -> bool:
         async with translated_errors():
             done = await self._replace(
-                keys=[self._key(h)], args=[expected_version, version, sealed, milliseconds(ttl)]
+                keys=[self._key(h)],
+                args=[expected_version, version, sealed, milliseconds(ttl), self._changes, h],
             )
         return bool(done)
 
@@ -125,7 +137,10 @@ class RedisSessionStore:
 
     async def delete(self, h: str) -> bool:
         async with translated_errors():
-            return bool(await self._redis.delete(self._key(h)))
+            return bool(await self._delete(keys=[self._key(h)], args=[self._changes, h]))
+
+    async def watch(self, changed: Callable[[str | None], None]) -> None:
+        await follow_changes(self._redis, self._changes, changed)
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
         # Index keys live in other Cluster slots than the record: one call each (DESIGN §4).

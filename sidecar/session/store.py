@@ -5,6 +5,7 @@ Stores see only `h` (the hash of the session id) and sealed bytes, never a token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["SessionStore"]
@@ -35,6 +36,13 @@ class SessionStore(Protocol):
 
     async def delete(self, h: str) -> bool:
         """Remove the record; True if it existed."""
+
+    async def watch(self, changed: Callable[[str | None], None]) -> None:
+        """Follow the change feed until cancelled: `changed(h)` after any process replaced
+        or deleted `h`; `changed(None)` once (re)subscribed, when earlier news may be lost.
+
+        Raises `StoreUnavailable` when the feed breaks.
+        """
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
         """Best-effort: list `h` under its user and IdP session for logout by `sub` or `sid`."""

@@ -390,7 +390,9 @@ async def test_cluster_storm_one_slot_per_session(
     assert contention > 0, "the replicas never met at the lock"
     assert stats[home.port].get("spublish", 0) >= grants
     assert stats[home.port].get("ssubscribe", 0) > 0, "nobody waited on the shard channel"
-    assert not any(s.get("publish") or s.get("subscribe") for s in stats.values())
+    # Classic pub/sub carries only the session change feed (docs/redis.md): one subscription
+    # per replica unless its feed restarted; refresh events stay on the shard channel.
+    assert sum(s.get("subscribe", 0) for s in stats.values()) <= 2 * len(replicas)
 
     await logout(replicas[0].base, cookie)
     assert (await api(replicas[1].base, cookie))[0] == 401
