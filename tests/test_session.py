@@ -268,3 +268,65 @@ async def test_idle_timeout_caps_ttl_and_use_extends_it(redis_prefix: str) -> No
     assert 9_000 < await client.pttl(key) <= 10_000
     await client.aclose()
     await store.close()
+
+
+async def test_redis_layout_is_one_compact_string(redis_prefix: str) -> None:
+    """`<version>:<sealed>` under p:s:{h}; the attempt mark only around a refresh."""
+    store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
+    sessions = SessionManager(store, Keyring.from_base64([KEY_A]), session_config())
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        plain = record(access_token="a" * 800, id_token="i" * 900)
+        created = await sessions.create(plain)
+        key = f"{redis_prefix}:s:{{{created.h}}}"
+        mark = f"{redis_prefix}:a:{{{created.h}}}"
+        assert await client.type(key) == b"string"
+        value = await client.get(key)
+        assert value.startswith(b"1:")
+        # Deflated before sealing: smaller than the JSON it holds.
+        assert len(value) < len(json_bytes(plain))
+
+        await store.mark_attempt(created.h, 123.5)
+        assert await store.attempt_mark(created.h) == 123.5
+        assert 0 < await client.pttl(mark) <= await client.pttl(key)
+        assert await sessions.save(created, created.record.evolve(version=2))
+        assert not await client.exists(mark)  # a fenced write clears it
+        await store.mark_attempt(created.h, 124.0)
+        await sessions.delete(created.with_record(created.record.evolve(version=2)))
+        assert not await client.exists(key) and not await client.exists(mark)
+        await store.mark_attempt(created.h, 125.0)  # never for a missing record
+        assert not await client.exists(mark)
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_record_in_an_older_layout_is_no_session(redis_prefix: str) -> None:
+    """A hash written by an earlier development build: "log in again", not a 503."""
+    store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
+    sessions = SessionManager(store, Keyring.from_base64([KEY_A]), session_config())
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        session_id = new_session_id()
+        await client.hset(
+            f"{redis_prefix}:s:{{{session_hash(session_id)}}}", mapping={"v": 1, "d": b"x"}
+        )
+        assert await sessions.load(session_id) is None
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+def json_bytes(value: SessionRecord) -> bytes:
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(value), separators=(",", ":")).encode()
+
+
+def test_record_reads_compressed_and_plain_json() -> None:
+    original = record()
+    assert SessionRecord.from_bytes(original.to_bytes()) == original
+    assert SessionRecord.from_bytes(json_bytes(original)) == original  # written before deflate
+    with pytest.raises(ValueError):
+        SessionRecord.from_bytes(b"\x78\x9cnot deflate")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sidecar.config import RedisConfig
 from sidecar.errors import StoreUnavailable
@@ -17,28 +17,30 @@ from sidecar.session.redis_connect import RedisClient
 
 __all__ = ["RedisSessionStore", "milliseconds", "translated_errors"]
 
-# A new record replaces whatever was under its key, atomically (one key: any topology; a
-# MULTI pipeline would need a same-slot transaction on Redis Cluster).
+# Records are plain strings `<version>:<sealed bytes>`: a hash would cost a few hundred bytes
+# more per session (its own table), which matters at 100k sessions (issue 7). The attempt
+# mark lives in its own key `p:a:{h}` (same slot), which exists only around a refresh.
+# A new record replaces whatever was under its key, atomically (one slot: any topology).
 _CREATE: Final = """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
 return 1
 """
 # Fenced compare-and-set: write only if the record still exists at the version read, so a
-# deleted (logged-out) session is never resurrected and a stale writer never wins.
+# deleted (logged-out) session is never resurrected and a stale writer never wins. The new
+# record is announced on the change feed in the same step.
 _REPLACE: Final = """
-local v = redis.call('HGET', KEYS[1], 'v')
-if (not v) or v ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
-redis.call('HDEL', KEYS[1], 'a')
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local current = redis.call('GET', KEYS[1])
+if (not current) or string.match(current, '^(%d+):') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[4])
+redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 # Delete and announce in one step, so no replica keeps serving the session from its cache.
 _DELETE: Final = """
 local n = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
 """
@@ -51,16 +53,17 @@ local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if last[2] then redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(last[2])) + 1) end
 return 1
 """
-# Marks "a refresh grant is about to be sent" on an existing record only (never creates one).
+# Marks "a refresh grant is about to be sent" for an existing record only; lives as long.
 _MARK_ATTEMPT: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'a', ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
 return 1
 """
 
 
 class RedisSessionStore:
-    """Sealed records as hashes `{v, d}` under `p:s:{h}`; indexes as sorted sets.
+    """Sealed records as strings `<version>:<sealed>` under `p:s:{h}`; indexes as sorted sets.
 
     Works on every topology `redis_connect` builds: each script touches one key, and the
     record, lock and event channel of a session share the hash tag `{h}` (one Cluster slot).
@@ -92,23 +95,35 @@ class RedisSessionStore:
     def _key(self, h: str) -> str:
         return f"{self._p}:s:{{{h}}}"
 
+    def _keys(self, h: str) -> list[str]:
+        """The record and its attempt mark: one slot."""
+        return [f"{self._p}:s:{{{h}}}", f"{self._p}:a:{{{h}}}"]
+
     async def get(self, h: str) -> tuple[int, bytes] | None:
         async with translated_errors():
-            version, sealed = await self._redis.hmget(self._key(h), ["v", "d"])
-        if version is None or sealed is None:
+            try:
+                value = await self._redis.get(self._key(h))
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                return None  # a record in an earlier development layout: log in again
+        if value is None:
             return None
-        return int(version), _as_bytes(sealed)
+        version, _, sealed = _as_bytes(value).partition(b":")
+        if not version.isdigit():
+            raise StoreUnavailable("redis: a session record that is not <version>:<sealed>")
+        return int(version), sealed
 
     async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
         async with translated_errors():
-            await self._create(keys=[self._key(h)], args=[version, sealed, milliseconds(ttl)])
+            await self._create(keys=self._keys(h), args=[version, sealed, milliseconds(ttl)])
 
     async def replace(
         self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
     ) -> bool:
         async with translated_errors():
             done = await self._replace(
-                keys=[self._key(h)],
+                keys=self._keys(h),
                 args=[expected_version, version, sealed, milliseconds(ttl), self._changes, h],
             )
         return bool(done)
@@ -119,11 +134,11 @@ class RedisSessionStore:
 
     async def mark_attempt(self, h: str, at: float) -> None:
         async with translated_errors():
-            await self._mark_attempt(keys=[self._key(h)], args=[repr(at)])
+            await self._mark_attempt(keys=self._keys(h), args=[repr(at)])
 
     async def attempt_mark(self, h: str) -> float | None:
         async with translated_errors():
-            value = await self._redis.hget(self._key(h), "a")
+            value = await self._redis.get(self._keys(h)[1])
         return float(value) if value is not None else None
 
     @property
@@ -137,7 +152,7 @@ class RedisSessionStore:
 
     async def delete(self, h: str) -> bool:
         async with translated_errors():
-            return bool(await self._delete(keys=[self._key(h)], args=[self._changes, h]))
+            return bool(await self._delete(keys=self._keys(h), args=[self._changes, h]))
 
     async def watch(self, changed: Callable[[str | None], None]) -> None:
         await follow_changes(self._redis, self._changes, changed)
