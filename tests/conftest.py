@@ -143,6 +143,14 @@ async def upstream_app() -> AsyncIterator[Callable[[web.Application], Any]]:
         await server.close()
 
 
+def _console_script() -> str:
+    """`auth-sidecar`, the command the package installs next to this interpreter."""
+    script = Path(sys.executable).with_name("auth-sidecar")
+    if not script.exists():
+        raise RuntimeError(f"{script} is missing: install the package (pip install -e .)")
+    return str(script)
+
+
 class SidecarProcess:
     """`auth-sidecar run` as a real subprocess, for memory, signal and multi-process tests."""
 
@@ -154,7 +162,7 @@ class SidecarProcess:
         self.log_path = tmp_path / f"sidecar-{config['server']['listen'].rsplit(':', 1)[1]}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(self.path)],
+            [_console_script(), "run", "--config", str(self.path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
