@@ -651,7 +651,10 @@ async def test_timed_out_grant_then_invalid_grant_is_lost_rotation(
     """A timed-out grant (maybe rotated) keeps its mark: a later refusal is a lost rotation."""
     monkeypatch.setattr(refresh_protocol, "_BACKOFF_BASE", 0.2)
     # lock_ttl 4 s: the watchdog's first extension (at 1.33 s) misses the 1 s IdP timeout.
-    sc = await rig.sidecar("redis", idp_timeout="1s", lock_ttl="4s", wait_timeout="1s")
+    # late_answer_timeout = idp_timeout: the grant itself is abandoned at 1 s.
+    sc = await rig.sidecar(
+        "redis", idp_timeout="1s", lock_ttl="4s", wait_timeout="1s", late_answer_timeout="1s"
+    )
     cookie = await rig.login(sc)
     rec = await record(sc, cookie)
     await until_due(sc, cookie)
@@ -682,7 +685,9 @@ async def test_watchdog_stops_when_grant_ends(rig: Rig, monkeypatch: pytest.Monk
     """When the grant times out just as the watchdog extends the lock, the answer is not delayed."""
     monkeypatch.setattr(refresh_protocol, "_WATCHDOG_MARGIN", 1.0)  # bounds the bug's cost
     # lock_ttl 3 s: the watchdog extends at 1 s, the instant the 1 s IdP timeout fires.
-    sc = await rig.sidecar("redis", idp_timeout="1s", lock_ttl="3s", wait_timeout="1s")
+    sc = await rig.sidecar(
+        "redis", idp_timeout="1s", lock_ttl="3s", wait_timeout="1s", late_answer_timeout="1s"
+    )
     cookie = await rig.login(sc)
     await until_due(sc, cookie)
     set_idp(rig.tidp, token_endpoint_delay=1.5)
@@ -723,3 +728,55 @@ async def test_watchdog_error_does_not_discard_grant(
     assert status == 200, (status, body)
     assert after.refresh_token != rec.refresh_token
     assert body["authorization"] == f"Bearer {after.access_token}"
+
+
+# --- a late answer: callers stop waiting, the grant does not ------------------------------
+
+
+async def test_late_answer_kept_callers_answered_at_idp_timeout(rig: Rig, store_kind: str) -> None:
+    """Callers answer at idp_timeout; the grant runs on, its late answer is stored, no 2nd grant.
+
+    Without it the timed-out grant was abandoned and the next attempt presented the same
+    refresh token again: reuse detection at an IdP that rotated meanwhile (DESIGN §5).
+    """
+    sc = await rig.sidecar(store_kind, idp_timeout="1s", lock_ttl="3s", wait_timeout="1s")
+    cookie = await rig.login(sc)
+    rec = await record(sc, cookie)
+    await until_due(sc, cookie)
+    delay = 2.5  # the IdP's answer: well past idp_timeout and past the first lock TTL third
+    set_idp(rig.tidp, token_endpoint_delay=delay)
+    before = stats(rig.tidp)
+
+    async def timed() -> tuple[float, int]:
+        started = time.monotonic()
+        status, _, _ = await rig.get(sc, cookie)
+        return time.monotonic() - started, status
+
+    started = time.monotonic()
+    first = await asyncio.gather(*(timed() for _ in range(5)))
+    joined = await timed()  # arrives while the grant is still running: joins it
+    mid = stats(rig.tidp)
+    latencies = [t for t, _ in [*first, joined]]
+    print(f"\n[late answer {store_kind}] caller latencies {[round(t, 2) for t in latencies]}")
+    # Each answers once idp_timeout has passed: 200 on the old token or 503 if it expired.
+    assert all(0.9 <= t < 1.6 for t, _ in first), first
+    assert all(status in (200, 503) for _, status in [*first, joined])
+    assert 0.9 <= joined[0] < 1.6, joined
+    assert mid.token_requests == before.token_requests + 1  # nobody sent a second grant
+    assert (await record(sc, cookie)).version == rec.version  # the answer is not in yet
+
+    await until_version(sc, cookie, rec.version + 1)  # the late answer, stored
+    stored_after = time.monotonic() - started
+    after = await record(sc, cookie)
+    print(f"[late answer {store_kind}] stored after {stored_after:.2f}s (IdP delay {delay}s)")
+    assert stored_after >= delay - 0.1
+    assert after.refresh_token != rec.refresh_token and after.failed_attempts == 0
+    set_idp(rig.tidp, token_endpoint_delay=0.0)
+    assert await rig.token(sc, cookie) == after.access_token
+    assert await userinfo_status(rig.tidp, after.access_token) == 200
+    final = stats(rig.tidp)
+    assert final.token_requests == before.token_requests + 1
+    assert final.refresh_grants == before.refresh_grants + 1
+    assert final.reuse_detected == before.reuse_detected
+    assert metric(sc, "sidecar_refresh_total", outcome="refreshed_late") == 1
+    assert metric(sc, "sidecar_refresh_total", outcome="transient") == 0

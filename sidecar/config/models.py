@@ -9,7 +9,7 @@ import base64
 import binascii
 import ipaddress
 import re
-from typing import Annotated, Literal, Self
+from typing import Annotated, Final, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -218,11 +218,15 @@ class RedisConfig(_Section):
         return self
 
 
+_LATE_ANSWER_MAX: Final = 600.0  # seconds; a grant unanswered this long is not coming back
+
+
 class RefreshConfig(_Section):
     before_expiry: Duration = 60.0
     idp_timeout: Duration = 10.0
     lock_ttl: Duration = 30.0
     wait_timeout: Duration = 15.0
+    late_answer_timeout: Duration = 60.0
 
     @model_validator(mode="after")
     def _relations(self) -> Self:
@@ -236,6 +240,13 @@ class RefreshConfig(_Section):
             )
         if self.wait_timeout < self.idp_timeout:
             raise ValueError("wait_timeout: must be at least refresh.idp_timeout")
+        # A grant past idp_timeout keeps running (and the lock held) until this bound: a
+        # second grant with the same refresh token would be reuse (docs/refresh.md).
+        if not self.idp_timeout <= self.late_answer_timeout <= _LATE_ANSWER_MAX:
+            raise ValueError(
+                "late_answer_timeout: must be between refresh.idp_timeout and "
+                f"{_LATE_ANSWER_MAX:.0f}s"
+            )
         return self
 
 

@@ -66,6 +66,9 @@ class OIDCClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._metadata: ProviderMetadata | None = None
+        # Set by the refresher (refresh.late_answer_timeout): a refresh grant's answer is
+        # waited for this long, past the IdP timeout its callers wait (DESIGN §5 step 5).
+        self.refresh_answer_within: float | None = None
         self.jwks = JWKSCache(self._fetch_jwks)
         readiness.register("idp")
 
@@ -135,14 +138,21 @@ class OIDCClient:
         """Refresh grant (RFC 6749 §6), sent once: with rotation it is not idempotent.
 
         Only a request that certainly never left is tried a second time (DESIGN §5.5).
+        `refresh_answer_within` bounds the answer (default: the IdP timeout); connecting stays
+        bounded by the IdP timeout, so an unreachable IdP is still told apart (never sent).
         """
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        limit = None
+        if self.refresh_answer_within is not None:
+            limit = aiohttp.ClientTimeout(
+                total=self.refresh_answer_within, connect=self._timeout.total
+            )
         try:
-            return await self._token_request(form)
+            return await self._token_request(form, limit)
         except IdPUnavailable as exc:
             if exc.maybe_sent:
                 raise
-            return await self._token_request(form)
+            return await self._token_request(form, limit)
 
     async def validate_id_token(
         self,
@@ -251,7 +261,9 @@ class OIDCClient:
         )
         return form, {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
-    async def _token_request(self, form: dict[str, str]) -> TokenResponse:
+    async def _token_request(
+        self, form: dict[str, str], limit: aiohttp.ClientTimeout | None = None
+    ) -> TokenResponse:
         data, auth_headers = self._client_auth(form)
         try:
             async with self.session.post(
@@ -259,6 +271,7 @@ class OIDCClient:
                 data=data,
                 headers={"Accept": "application/json", **auth_headers},
                 allow_redirects=False,
+                timeout=limit or self._timeout,
             ) as resp:
                 body = await resp.content.read(_MAX_RESPONSE_BYTES)
                 status = resp.status

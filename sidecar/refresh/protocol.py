@@ -4,7 +4,8 @@
 2. In-process single-flight per session, in a shielded task of its own.
 3. Redis lock per session; a waiter listens on the event channel and polls the record.
 4. Holding the lock, re-read: another replica may have refreshed already.
-5. One refresh grant; retried only if it certainly never left.
+5. One refresh grant; retried only if it certainly never left. Callers stop waiting for it at
+   `idp_timeout`, the grant itself runs on up to `late_answer_timeout` (a late answer is kept).
 6. Fenced write, publish, release; `invalid_grant` ends the session; a transient failure
    records `next_attempt_at` and the current token is used while it is still valid.
 """
@@ -17,8 +18,9 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 from sidecar.config import RefreshConfig
 from sidecar.errors import (
@@ -50,6 +52,20 @@ _BACKOFF_BASE, _BACKOFF_MAX = 1.0, 60.0  # seconds; after transient failures, wi
 _STILL_VALID: Final = 1.0
 
 
+@dataclass(eq=False)
+class _Flight:
+    """One session's refresh in this process: the task, and when its grant left (if it has)."""
+
+    task: asyncio.Task[Session]
+    sent: asyncio.Future[float] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def mark_sent(self) -> None:
+        if not self.sent.done():
+            self.sent.set_result(time.monotonic())
+
+
 def refresh_window(record: SessionRecord, before_expiry: float) -> float:
     """Refresh when less than `min(before_expiry, lifetime / 2)` is left (DESIGN §5 step 1)."""
     lifetime = max(0.0, record.access_expires_at - record.refreshed_at)
@@ -75,12 +91,14 @@ class Refresher:
     ) -> None:
         self._sessions = sessions
         self._oidc = oidc
+        # The grant is not abandoned when callers stop waiting (see `_answer`).
+        oidc.refresh_answer_within = config.late_answer_timeout
         self._locks = locks
         self._events = events
         self._config = config
         self._metrics = metrics
         self._clock = clock
-        self._inflight: dict[str, asyncio.Task[Session]] = {}
+        self._inflight: dict[str, _Flight] = {}
 
     async def ensure_fresh(self, session: Session) -> Session:
         """A session whose access token the upstream will accept, or an error to answer with."""
@@ -101,17 +119,48 @@ class Refresher:
 
         # Step 2: register before the first await; shield so a client that goes away
         # cannot cancel a grant that others wait on (aiohttp connector.py does the same).
-        task = self._inflight.get(session.h)
-        if task is None:
+        flight = self._inflight.get(session.h)
+        if flight is None:
             task = asyncio.create_task(self._refresh(session), name="session-refresh")
-            self._inflight[session.h] = task
-            task.add_done_callback(partial(self._forget, session.h))
+            flight = _Flight(task)
+            self._inflight[session.h] = flight
+            task.add_done_callback(partial(self._forget, session.h, flight))
         else:
             self._metrics.refresh_joins.inc()
-        return await asyncio.shield(task)
+        return await self._answer(flight, session)
 
-    def _forget(self, h: str, task: asyncio.Task[Session]) -> None:
-        if self._inflight.get(h) is task:
+    async def _answer(self, flight: _Flight, session: Session) -> Session:
+        """The flight's result, or after `idp_timeout` of grant the current token / 503.
+
+        The grant is not abandoned at `idp_timeout`: with rotation, presenting the same
+        refresh token again after a timeout gets the grant revoked (DESIGN §5 invariant).
+        Only this caller stops waiting; the task keeps the lock and stores a late answer.
+        """
+        arrived = time.monotonic()
+        task = flight.task
+        if not flight.sent.done():
+            # Lock wait and re-read: bounded by wait_timeout inside the task.
+            either: set[asyncio.Future[Any]] = {task, flight.sent}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            limit = max(arrived, flight.sent.result()) + self._config.idp_timeout
+            await asyncio.wait({task}, timeout=max(0.0, limit - time.monotonic()))
+        if task.done():
+            return task.result()
+        log.info(
+            "refresh answer late; request goes on without it", extra={"session": session.h[:12]}
+        )
+        return self._current_or_unavailable(session)
+
+    def _current_or_unavailable(self, session: Session) -> Session:
+        """DESIGN §6: the IdP is slow: use the current token while valid, else 503."""
+        record = session.record
+        if record.access_expires_at - self._clock() > _margin(record):
+            return session
+        raise RefreshUnavailable("token expired; the IdP has not answered yet", retry_after=1)
+
+    def _forget(self, h: str, flight: _Flight, task: asyncio.Task[Session]) -> None:
+        if self._inflight.get(h) is flight:
             del self._inflight[h]
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone away meanwhile
@@ -135,6 +184,7 @@ class Refresher:
         raise RefreshUnavailable("token expired; the IdP is unavailable", retry_after=wait)
 
     async def _refresh(self, session: Session) -> Session:
+        """Steps 3-6 in the flight's own task; its entry in `_inflight` exists before it runs."""
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -177,7 +227,10 @@ class Refresher:
                 self._unavailable(current.record)
             if time.monotonic() >= deadline:
                 break
-        raise RefreshUnavailable("timed out waiting for another refresh", retry_after=1)
+        # The holder's grant may still be running (a late answer is waited for): DESIGN §6,
+        # a still-valid token is forwarded meanwhile.
+        self._current_or_unavailable(current)
+        return current, "wait_timeout"
 
     async def _wait_for_holder(self, session: Session, deadline: float) -> Session:
         """Until the record's version changes, the lock goes, or the deadline passes."""
@@ -220,6 +273,9 @@ class Refresher:
         done = asyncio.Event()
         watchdog = asyncio.create_task(self._keep_lock(session.h, owner, done))
         started = time.perf_counter()
+        flight = self._inflight.get(session.h)
+        if flight is not None:
+            flight.mark_sent()  # callers now wait idp_timeout at most; the grant runs on
         try:
             tokens = await self._oidc.refresh(record.refresh_token)
             claims = record.claims
@@ -247,7 +303,8 @@ class Refresher:
             await self._events.publish(session.h, ENDED)
             raise SessionEnded(str(exc), reason="invalid_id_token") from exc
         finally:
-            self._metrics.idp_latency.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._metrics.idp_latency.observe(elapsed)
             # Stop by flag, not only by cancellation: redis-py may swallow a cancellation,
             # and a watchdog failure must never replace the grant's outcome.
             done.set()
@@ -267,12 +324,17 @@ class Refresher:
             )
             return latest, "write_conflict"
         await self._events.publish(session.h, REFRESHED)
-        return session.with_record(updated), "refreshed"
+        # A late answer, kept: counted apart so operators see how often the IdP is that slow.
+        late = elapsed > self._config.idp_timeout
+        return session.with_record(updated), "refreshed_late" if late else "refreshed"
 
     async def _keep_lock(self, h: str, owner: str, done: asyncio.Event) -> None:
-        """Extend the lock while the IdP call runs, up to the IdP timeout plus a margin."""
+        """Extend the lock while the grant runs, up to `late_answer_timeout` plus a margin.
+
+        No other replica may send a grant while ours may still be answered late.
+        """
         ttl = self._config.lock_ttl
-        limit = time.monotonic() + self._config.idp_timeout + _WATCHDOG_MARGIN
+        limit = time.monotonic() + self._config.late_answer_timeout + _WATCHDOG_MARGIN
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), ttl / 3)
@@ -281,10 +343,11 @@ class Refresher:
                 return
             try:
                 if not await self._locks.extend(h, owner, min(ttl, remaining + 1)):
+                    log.error("refresh lock lost during a grant", extra={"session": h[:12]})
                     return
             except StoreUnavailable:
+                # A blip: try again next tick; the lock still has up to lock_ttl to run.
                 log.warning("refresh lock not extended", extra={"session": h[:12]})
-                return
 
     async def _failed(
         self, session: Session, outcome: str, *, maybe_rotated: bool

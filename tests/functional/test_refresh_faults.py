@@ -4,7 +4,8 @@ Real sidecar processes, real Redis, the threaded dev IdP of this module (6-secon
 tokens, rotation and reuse detection) and the verifying upstream of `test_refresh_storm`:
 
 - /token answers an unparsable 200 (a proxy's HTML page; a truncated JSON body);
-- the IdP answers later than the lock TTL (it rotated at once, like a real IdP);
+- the IdP answers later than the lock TTL (it rotated at once, like a real IdP): the late
+  answer is kept;
 - Redis is killed and restarted (same port, fsync'd append-only file) during a refresh.
 
 Each asserts what DESIGN §5 promises: one IdP call per attempt, never a retry of a call that
@@ -262,7 +263,13 @@ async def test_garbage_token_answer_is_transient(
 # --- 2. an IdP slower than the lock TTL -------------------------------------------------------
 
 
-SLOW_REFRESH = {"before_expiry": "3s", "idp_timeout": "1s", "lock_ttl": "2s", "wait_timeout": "2s"}
+# wait_timeout 1.5 s: the other replica's callers give up while the old token is still valid.
+SLOW_REFRESH = {
+    "before_expiry": "3s",
+    "idp_timeout": "1s",
+    "lock_ttl": "2s",
+    "wait_timeout": "1.5s",
+}
 SLOW_DELAY = 3.0  # the IdP's answer: later than idp_timeout and than lock_ttl
 
 
@@ -272,11 +279,12 @@ async def test_idp_slower_than_lock_ttl(
     sidecar_process: StartSidecar,
     redis_prefix: str,
 ) -> None:
-    """IdP answers after the lock TTL: the holder gives up at idp_timeout, nobody calls in turn.
+    """IdP answers after the lock TTL: callers give up at idp_timeout, the grant does not.
 
-    The IdP rotated at once, so the next attempt after the backoff is refused as reuse and
-    the session ends cleanly (401 for API calls, 302 to login for a browser): DESIGN §5's
-    accepted hole, counted as a lost rotation, with one grant for the one rotation.
+    The holder's callers answer at idp_timeout (1 s), the other replica's at wait_timeout
+    (2 s), all with the still-valid token; the grant keeps running under the watchdog-held
+    lock, its late answer is stored and used, and nobody presents the refresh token again:
+    one grant, no reuse detection, the session kept (DESIGN §5 invariant).
     """
     idp = faulty_idp
     a, b = start(2, idp, upstream, redis_prefix, sidecar_process, SLOW_REFRESH)
@@ -293,48 +301,39 @@ async def test_idp_slower_than_lock_ttl(
         s0 = idp_stats(idp)
         t = storm.now()
         slow = await burst(storm, http, targets, 20)
+        shortest = min(r.ended for r in slow) - t
         longest = max(r.ended for r in slow) - t
+        # Until the IdP has sent its late answer, well past the lock TTL.
+        await asyncio.sleep(max(0.0, t + SLOW_DELAY + 0.3 - storm.now()))
+        s1 = idp_stats(idp)
         async with redis.Redis.from_url(REDIS_URL) as conn:  # released, not left to expire
             lock_keys = [k async for k in conn.scan_iter(match=f"{redis_prefix}:lock:*")]
-        during = await burst(storm, http, targets, 2)  # inside the backoff
-        s1 = idp_stats(idp)
-        # Until the IdP has sent its late answer, well past the lock TTL.
-        await asyncio.sleep(max(0.0, t + SLOW_DELAY + 0.2 - storm.now()))
+        set_delay(idp, 0.0)
+        # The stored token counts from the grant's request time, so it is already due: the
+        # next grant, with the late answer's refresh token, is an ordinary rotation.
+        after = await burst(storm, http, targets, 10)
         s2 = idp_stats(idp)
         print(
-            f"[IdP slower than lock TTL] {dict(statuses(slow))} longest {longest:.2f}s "
-            f"(idp_timeout 1s, lock_ttl 2s, IdP {SLOW_DELAY}s); during the backoff "
-            f"{dict(statuses(during))}; token_requests +{delta(s1, s0, 'token_requests')} "
-            f"then +{delta(s2, s1, 'token_requests')} until the IdP answered"
+            f"[IdP slower than lock TTL] {dict(statuses(slow))} callers answered after "
+            f"{shortest:.2f}-{longest:.2f}s (idp_timeout 1s, wait_timeout 1.5s, lock_ttl 2s, "
+            f"IdP {SLOW_DELAY}s); until the late answer token_requests "
+            f"+{delta(s1, s0, 'token_requests')} grants +{delta(s1, s0, 'refresh_grants')}; "
+            f"afterwards {dict(statuses(after))} grants +{delta(s2, s1, 'refresh_grants')} "
+            f"reuse +{delta(s2, s0, 'reuse_detected')}"
         )
-        assert all(r.status == 200 and r.ok and r.token == first.token for r in slow + during)
-        assert 1.0 <= longest < 2.0, f"the holder gave up after {longest:.2f}s, not idp_timeout"
-        assert delta(s2, s0, "token_requests") == 1, "another replica called the IdP in turn"
-        assert delta(s2, s0, "refresh_grants") == 1  # the IdP rotated before its delay
+        assert all(r.status == 200 and r.ok and r.token == first.token for r in slow)
+        assert shortest >= 1.0 and longest < 2.1, (shortest, longest)
+        assert delta(s1, s0, "token_requests") == 1, "another replica called the IdP in turn"
+        assert delta(s1, s0, "refresh_grants") == 1  # one grant for the one rotation
         assert lock_keys == []
-
-        set_delay(idp, 0.0)
-        ended = await burst(storm, http, targets, 10)
-        s3 = idp_stats(idp)
-        async with http.get(
-            a.base + "/app/page",
-            headers={"Accept": "text/html", "Cookie": f"{COOKIE}={cookie}"},
-            allow_redirects=False,
-        ) as r:
-            navigation = (r.status, r.headers.get("Location", ""))
-        print(
-            f"[IdP slower than lock TTL] next attempt: {dict(statuses(ended))}, browser "
-            f"{navigation}; token_requests +{delta(s3, s2, 'token_requests')} "
-            f"reuse +{delta(s3, s2, 'reuse_detected')}"
-        )
-        assert {r.status for r in ended} == {401}, statuses(ended)
-        assert navigation[0] == 302 and navigation[1].startswith("/oauth2/start"), navigation
-        assert delta(s3, s2, "token_requests") == 1
-        assert delta(s3, s2, "reuse_detected") == 1
-        assert delta(s3, s0, "refresh_grants") == 1  # one grant for the one rotation
+        assert all(r.status == 200 and r.ok for r in after), statuses(after)
+        assert first.token not in {r.token for r in after}
+        assert delta(s2, s1, "refresh_grants") <= 1
+        assert delta(s2, s0, "reuse_detected") == 0
     metrics = [await refresh_metrics(p.management) for p in (a, b)]
-    assert outcomes(metrics, "transient") == 1
-    assert outcomes(metrics, "invalid_grant_lost_rotation") == 1
+    assert outcomes(metrics, "refreshed_late") == 1
+    assert outcomes(metrics, "transient") == 0
+    assert outcomes(metrics, "invalid_grant_lost_rotation") == 0
 
 
 # --- 3. Redis restarted during a refresh ------------------------------------------------------
