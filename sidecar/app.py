@@ -98,6 +98,8 @@ def build_apps(
         redirect_uri=config.server.public_url + "/oauth2/callback",
         timeout=config.refresh.idp_timeout,
         readiness=readiness,
+        # A refresh grant outliving its callers is waited for, not abandoned (DESIGN §5).
+        answer_within=config.refresh.late_answer_timeout,
     )
 
     main = web.Application(middlewares=[observe, map_errors])

@@ -58,7 +58,11 @@ class OIDCClient:
         timeout: float,
         readiness: Readiness,
         clock: Callable[[], float] = time.time,
+        *,
+        answer_within: float | None = None,
     ) -> None:
+        """`answer_within` (refresh.late_answer_timeout): how long a refresh grant's answer is
+        waited for, past the IdP timeout its callers wait (DESIGN §5 step 5)."""
         self.config = config
         self.redirect_uri = redirect_uri
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -66,9 +70,7 @@ class OIDCClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._metadata: ProviderMetadata | None = None
-        # Set by the refresher (refresh.late_answer_timeout): a refresh grant's answer is
-        # waited for this long, past the IdP timeout its callers wait (DESIGN §5 step 5).
-        self.refresh_answer_within: float | None = None
+        self._answer_within = answer_within
         self.jwks = JWKSCache(self._fetch_jwks)
         readiness.register("idp")
 
@@ -138,15 +140,13 @@ class OIDCClient:
         """Refresh grant (RFC 6749 §6), sent once: with rotation it is not idempotent.
 
         Only a request that certainly never left is tried a second time (DESIGN §5.5).
-        `refresh_answer_within` bounds the answer (default: the IdP timeout); connecting stays
+        `answer_within` bounds the answer (default: the IdP timeout); connecting stays
         bounded by the IdP timeout, so an unreachable IdP is still told apart (never sent).
         """
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         limit = None
-        if self.refresh_answer_within is not None:
-            limit = aiohttp.ClientTimeout(
-                total=self.refresh_answer_within, connect=self._timeout.total
-            )
+        if self._answer_within is not None:
+            limit = aiohttp.ClientTimeout(total=self._answer_within, connect=self._timeout.total)
         try:
             return await self._token_request(form, limit)
         except IdPUnavailable as exc:

@@ -91,8 +91,6 @@ class Refresher:
     ) -> None:
         self._sessions = sessions
         self._oidc = oidc
-        # The grant is not abandoned when callers stop waiting (see `_answer`).
-        oidc.refresh_answer_within = config.late_answer_timeout
         self._locks = locks
         self._events = events
         self._config = config
