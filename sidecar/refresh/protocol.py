@@ -231,11 +231,13 @@ class Refresher:
         return current, "wait_timeout"
 
     async def _wait_for_holder(self, session: Session, deadline: float) -> Session:
-        """Until the record's version changes, the lock goes, or the deadline passes."""
+        """Until the record's version changes, the lock goes, or the deadline passes.
+
+        The record is read once as soon as we listen: a holder that finished between our
+        failed lock attempt and the subscription sent its message to nobody.
+        """
         async with self._events.waiting(session.h) as woken:
             while time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), _POLL_INTERVAL)
                 woken.clear()
                 latest = await self._sessions.load(session.id)
                 if latest is None:
@@ -244,6 +246,8 @@ class Refresher:
                     return latest
                 if not await self._locks.held(session.h):
                     return latest
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), _POLL_INTERVAL)
         return session
 
     async def _refresh_holding(self, session: Session, owner: str) -> tuple[Session, str]:
