@@ -334,7 +334,9 @@ async def test_idp_503_and_slow_answer_are_transient(
             f"(reuse +{delta(s2, s1, 'reuse_detected')})"
         )
         assert r3.status == 200 and r3.ok and r3.token != r1.token
-        assert delta(s2, s1, "refresh_grants") == 1
+        # Alice's one grant; Bob's late-answer token counts its life from the request, so it
+        # may be due again: then his refresh is one normal grant with the new token.
+        assert delta(s2, s1, "refresh_grants") in (1, 2)
         assert r4.status == 200 and r4.ok, (r4.status, r4.body)
         assert delta(s2, s1, "reuse_detected") == 0
     metrics = await refresh_metrics(replica.management)
