@@ -49,6 +49,16 @@ class ProviderHandle:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def sidecar_oidc(self, post_logout_redirect_url: str) -> dict[str, Any]:
+        """The sidecar's `oidc` config section for this provider and its client."""
+        return {
+            "issuer": self.issuer,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "scopes": ["openid", "email", "profile", "offline_access"],
+            "post_logout_redirect_url": post_logout_redirect_url,
+        }
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

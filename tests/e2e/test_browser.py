@@ -204,13 +204,7 @@ def test_browser_login_background_calls_across_expiries_and_logout(
     try:
         data["upstreams"] = [{"path": "/", "url": upstream.url}]
         data["public_paths"] = []
-        data["oidc"] = {
-            "issuer": provider.issuer,
-            "client_id": provider.client_id,
-            "client_secret": provider.client_secret,
-            "scopes": ["openid", "email", "profile", "offline_access"],
-            "post_logout_redirect_url": post_logout_url,
-        }
+        data["oidc"] = provider.sidecar_oidc(post_logout_url)
         data["session"] = {**data["session"], "store": "redis"}
         data["redis"] = {"url": REDIS_URL, "key_prefix": redis_key_prefix}
         data["refresh"] = {"before_expiry": REFRESH_BEFORE}

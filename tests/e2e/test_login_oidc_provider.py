@@ -83,13 +83,7 @@ async def start_all(
 
     data["upstreams"] = [{"path": "/", "url": upstream_url}]
     data["public_paths"] = []
-    data["oidc"] = {
-        "issuer": provider.issuer,
-        "client_id": provider.client_id,
-        "client_secret": provider.client_secret,
-        "scopes": ["openid", "email", "profile", "offline_access"],
-        "post_logout_redirect_url": post_logout_url,
-    }
+    data["oidc"] = provider.sidecar_oidc(post_logout_url)
     data["session"] = {**data["session"], "store": "redis"}
     data["redis"] = {"url": "redis://127.0.0.1:6379/0", "key_prefix": redis_prefix}
     sidecar = sidecar_process(data)

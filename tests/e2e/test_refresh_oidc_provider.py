@@ -120,13 +120,7 @@ async def start_cluster(
     upstream_url = await upstream_app(upstream.app())
     data["upstreams"] = [{"path": "/", "url": upstream_url}]
     data["public_paths"] = []
-    data["oidc"] = {
-        "issuer": provider.issuer,
-        "client_id": provider.client_id,
-        "client_secret": provider.client_secret,
-        "scopes": ["openid", "email", "profile", "offline_access"],
-        "post_logout_redirect_url": public_url + "/",
-    }
+    data["oidc"] = provider.sidecar_oidc(public_url + "/")
     data["session"] = {**data["session"], "store": "redis"}
     data["redis"] = {"url": REDIS_URL, "key_prefix": redis_prefix}
     data["refresh"] = refresh
