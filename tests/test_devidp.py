@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
 from sidecar.devidp import DevClient, DevIdP, DevUser, default_users
+from tests.conftest import free_port
 
 REDIRECT = "http://127.0.0.1:4180/oauth2/callback"
 AFTER_LOGOUT = "http://127.0.0.1:4180/"
@@ -51,12 +51,6 @@ class Env:
         return urlsplit(self.idp.endpoint(endpoint)).path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def s256(verifier: str) -> str:
     digest = hashlib.sha256(verifier.encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
@@ -70,7 +64,7 @@ def basic(client_id: str = "app", secret: str = SECRET) -> dict[str, str]:
 @pytest.fixture
 async def env(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> Env:
     """A DevIdP under an issuer with a path, a fake clock, and a test client (with cookies)."""
-    port = _free_port()
+    port = free_port()
     clock = FakeClock()
     clients = {
         "app": DevClient("app", SECRET, (REDIRECT,), (AFTER_LOGOUT,)),

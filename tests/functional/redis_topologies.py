@@ -30,9 +30,12 @@ REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 
 def free_cluster_port() -> int:
-    """A free port p <= 55535 whose cluster bus port p + 10000 is free as well."""
+    """A free port p whose cluster bus port p + 10000 is free as well.
+
+    Both lie below the ephemeral range and outside `free_port`'s (conftest.py).
+    """
     for _ in range(200):
-        port = random.randint(20000, 55535)
+        port = random.randint(10000, 11999)
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as s:
