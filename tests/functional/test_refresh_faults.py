@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,8 +61,11 @@ from tests.idp import ThreadedIdP
 ACCESS_TTL = 6.0  # read by the `idp` fixture of tests/functional/conftest.py
 BACKOFF_1 = 1.05  # seconds: the backoff after a first failure is 0.5-1 s (jitter)
 # The sidecar stops forwarding a token with less than lifetime / 10 left (0.6 s here), and
-# counts its expiry from the code exchange: 5.6 s after login the token counts as expired.
+# counts its expiry from the code exchange, capped by the JWT `exp` (whole seconds: up to 1 s
+# earlier): it counts as expired 4.4-5.4 s after login, by where in its second the exchange
+# fell; 5.6 s after login it has expired in any case.
 EXPIRED_AFTER = 5.6
+STILL_VALID = 0.6  # lifetime / 10: the sidecar's margin before the token's `exp`
 
 
 @pytest.fixture
@@ -282,20 +287,30 @@ async def test_idp_slower_than_lock_ttl(
     """IdP answers after the lock TTL: callers give up at idp_timeout, the grant does not.
 
     The holder's callers answer at idp_timeout (1 s), the other replica's at wait_timeout
-    (2 s), all with the still-valid token; the grant keeps running under the watchdog-held
+    (1.5 s), all with the still-valid token; the grant keeps running under the watchdog-held
     lock, its late answer is stored and used, and nobody presents the refresh token again:
     one grant, no reuse detection, the session kept (DESIGN §5 invariant).
+
+    The timeline is counted from the token's `exp`, not from the login: the IdP's `exp` is
+    whole seconds (floor(issue time) + 6), up to 1 s before the code exchange + 6 s, and the
+    sidecar rightly stops forwarding the token 0.6 s before it. Counted from the login, the
+    waiting replica's answer at wait_timeout fell after that whenever the exchange happened
+    late in its second (503 for that replica's callers, correctly).
     """
     idp = faulty_idp
     a, b = start(2, idp, upstream, redis_prefix, sidecar_process, SLOW_REFRESH)
-    cookie = await login(a.base, "alice")
-    issued = time.monotonic()
+    # The exchange 0.05 s into a wall-clock second: the token's exp is that second + 6 s
+    # (login returns after the exchange, well within a second of it).
+    cookie = await login(a.base, "alice", exchange_at_fraction=0.05)
+    exp = math.floor(time.time() - 0.05) + ACCESS_TTL
     targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate((a, b))]
     storm = new_storm(targets)
     async with client() as http:
         first = await storm._one(http, targets[1])
         assert first.status == 200 and first.ok
-        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
+        # Due (2.7 s left, less than before_expiry 3 s); the last caller should answer at
+        # wait_timeout, 1.2 s before exp: 0.6 s before the sidecar's margin.
+        await asyncio.sleep(max(0.0, exp - ACCESS_TTL + DUE_AFTER - time.time()))
 
         set_delay(idp, SLOW_DELAY)
         s0 = idp_stats(idp)
@@ -321,7 +336,8 @@ async def test_idp_slower_than_lock_ttl(
             f"afterwards {dict(statuses(after))} grants +{delta(s2, s1, 'refresh_grants')} "
             f"reuse +{delta(s2, s0, 'reuse_detected')}"
         )
-        assert all(r.status == 200 and r.ok and r.token == first.token for r in slow)
+        kept = all(r.status == 200 and r.ok and r.token == first.token for r in slow)
+        assert kept, explain_slow(slow, first.token, storm.wall0 + t, exp)
         assert shortest >= 1.0 and longest < 2.1, (shortest, longest)
         assert delta(s1, s0, "token_requests") == 1, "another replica called the IdP in turn"
         assert delta(s1, s0, "refresh_grants") == 1  # one grant for the one rotation
@@ -334,6 +350,24 @@ async def test_idp_slower_than_lock_ttl(
     assert outcomes(metrics, "refreshed_late") == 1
     assert outcomes(metrics, "transient") == 0
     assert outcomes(metrics, "invalid_grant_lost_rotation") == 0
+
+
+def explain_slow(slow: list[Result], token: str | None, wall_start: float, exp: float) -> str:
+    """Per replica: (status, ok, same token?) counts, durations and error bodies, against exp."""
+    usable = exp - STILL_VALID - wall_start
+    lines = [f"burst at exp - {exp - wall_start:.2f}s; token usable until +{usable:.2f}s"]
+    for replica in sorted({r.target.replica for r in slow}):
+        mine = [r for r in slow if r.target.replica == replica]
+        kinds = Counter(
+            (r.status, r.ok, "no token" if r.token is None else r.token == token) for r in mine
+        )
+        bodies = Counter(str(r.body) for r in mine if r.status != 200)
+        ended = [r.ended - r.started for r in mine]
+        lines.append(
+            f"replica {replica}: {dict(kinds)} answered after {min(ended):.2f}-{max(ended):.2f}s"
+            f"; bodies {dict(bodies)}; Retry-After {sorted({str(r.retry_after) for r in mine})}"
+        )
+    return "\n".join(lines)
 
 
 # --- 3. Redis restarted during a refresh ------------------------------------------------------
