@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import MultiMapping
 
 from sidecar.access import claim_values
 from sidecar.config import InjectConfig
@@ -64,7 +64,7 @@ WEBSOCKET_HANDSHAKE = frozenset(
 )
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1)."""
     values = headers.getall("Connection", ())
     if not values:
@@ -155,16 +155,29 @@ class RequestHeaderFilter:
         return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's response headers minus hop-by-hop ones; `Set-Cookie` kept as is."""
-    skip = HOP_BY_HOP | _connection_tokens(upstream)
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in skip)
+    out: list[tuple[str, str]] = []
+    named: set[str] = set()  # headers the upstream's `Connection` marks hop-by-hop
+    for name, value in upstream:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            if lowered == "connection":
+                named.update(t.strip().lower() for t in value.split(","))
+            continue
+        out.append((name, value))
+    named -= HOP_BY_HOP  # usually `Connection: keep-alive` or `close`: nothing more to drop
+    named.difference_update(("", "close"))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
+    return out
 
 
 def injected_names(inject: InjectConfig) -> frozenset[str]:
     """Every header the sidecar sets upstream, normalised: client copies of these are dropped."""
     names = {n.lower().replace("_", "-") for n in inject.headers}
     names.add("authorization")  # dropped even with `none`: a client must not choose the token
+    names.add("x-request-id")  # set from the request's own id, which honours a well-formed one
     return frozenset(names)
 
 

@@ -1,6 +1,7 @@
 """Streaming reverse proxy: HTTP bodies are never buffered, websockets are relayed frame by frame.
 
-Each upstream owns one pooled `ClientSession` configured to change nothing on the way:
+Each upstream owns a pool of keep-alive HTTP/1.1 connections (`upstream_http`, the hot path)
+and, for websockets, an aiohttp `ClientSession` configured to change nothing on the way:
 no automatic headers, no decompression, no cookie jar, no redirects followed.
 """
 
@@ -24,6 +25,13 @@ from sidecar.headers import (
     response_headers,
 )
 from sidecar.metrics import Metrics
+from sidecar.upstream_http import (
+    ConnectFailed,
+    ConnectionPool,
+    UnsafeHeader,
+    UpstreamResponse,
+    encode_head,
+)
 
 __all__ = ["PathPrefixes", "Router", "Upstream", "path_matches"]
 
@@ -54,7 +62,15 @@ class Upstream:
         self.config = config
         self.prefix = config.path
         base = URL(config.url)
-        self._base = str(base.origin()) + base.raw_path.rstrip("/")
+        self._origin = str(base.origin())
+        self._base_path = base.raw_path.rstrip("/")
+        self._authority = base.raw_authority  # the Host header when the client's is not passed
+        self._host, self._port, self._tls = (
+            base.raw_host or "",
+            base.port or 80,
+            base.scheme == "https",
+        )
+        self._pass_host = config.pass_host_header
         self._strip = (
             self.prefix.rstrip("/") if config.strip_prefix and self.prefix != "/" else None
         )
@@ -66,8 +82,17 @@ class Upstream:
             total=None, connect=config.connect_timeout, sock_read=config.timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
 
     async def start(self) -> None:
+        self._pool = ConnectionPool(
+            self._host,
+            self._port,
+            tls=self._tls,
+            limit=_POOL_SIZE,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.timeout,
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_POOL_SIZE, enable_cleanup_closed=True),
             timeout=self._timeout,
@@ -78,6 +103,9 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -88,14 +116,24 @@ class Upstream:
             raise RuntimeError("upstream used before start() or after close()")
         return self._session
 
-    def target(self, request: web.BaseRequest) -> URL:
-        """The upstream URL: raw path and query byte for byte, percent-encoding untouched."""
+    @property
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
+            raise RuntimeError("upstream used before start() or after close()")
+        return self._pool
+
+    def path(self, request: web.BaseRequest) -> str:
+        """The upstream request target: raw path and query byte for byte."""
         raw = request.raw_path
         if self._strip is not None and raw.startswith(self.prefix):
             raw = raw[len(self._strip) :]
             if not raw.startswith("/"):
                 raw = "/" + raw
-        return URL(self._base + raw, encoded=True)
+        return self._base_path + raw
+
+    def target(self, request: web.BaseRequest) -> URL:
+        """The upstream URL, percent-encoding untouched."""
+        return URL(self._origin + self.path(request), encoded=True)
 
     async def forward(
         self, request: web.Request, extra: Iterable[tuple[str, str]] = ()
@@ -110,40 +148,55 @@ class Upstream:
     async def _forward_http(
         self, request: web.Request, headers: list[tuple[str, str]]
     ) -> web.StreamResponse:
+        incoming = request.headers
+        if not self._pass_host or hdrs.HOST not in incoming:
+            headers.append(("Host", self._authority))
         body = request.content if request.body_exists else None
+        chunked = body is not None and hdrs.CONTENT_LENGTH not in incoming
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
         try:
-            upstream = await self.session.request(
-                request.method,
-                self.target(request),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            head = encode_head(request.method, self.path(request), headers)
+            upstream = await self.pool.request(request.method, head, body, chunked=chunked)
+        except (OSError, TimeoutError, UnsafeHeader) as exc:
             raise self._error(exc, "request") from exc
 
         try:
             response = _ProxiedResponse(status=upstream.status, reason=upstream.reason)
-            if upstream.content.is_eof():
+            response.headers.extend(response_headers(upstream.headers))
+            if upstream.complete:
                 # The whole body is already here: headers and body leave in one write.
                 response._send_headers_immediately = False
-            response.headers.extend(response_headers(upstream.headers))
-            await response.prepare(request)
+                await response.prepare(request)
+                data = upstream.buffered()
+                if data:
+                    await response.write(data)
+            else:
+                await response.prepare(request)
+                if not await self._stream(request, response, upstream):
+                    return response
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
+    ) -> bool:
+        """Copy the body as it comes; False if the upstream stopped short."""
+        while True:
             try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                chunk = await upstream.read()
+            except (OSError, TimeoutError) as exc:
                 # Headers are out: the only honest signal left is to cut the connection,
                 # so the client cannot take a truncated body for a whole one.
                 self._error(exc, "response body")
                 if request.transport is not None:
                     request.transport.abort()
-                return response
-            await response.write_eof()
-            return response
-        finally:
-            upstream.release()
+                return False
+            if not chunk:
+                return True
+            await response.write(chunk)
 
     async def _forward_websocket(
         self, request: web.Request, headers: list[tuple[str, str]]
@@ -202,8 +255,11 @@ class Upstream:
         error: UpstreamError
         if isinstance(exc, TimeoutError):
             kind, error = "timeout", UpstreamTimeout(f"upstream timed out ({during})")
+        elif isinstance(exc, UnsafeHeader):
+            kind, error = "header", UpstreamError("a request header could not be sent")
         else:
-            kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "io"
+            connect = isinstance(exc, ConnectFailed | aiohttp.ClientConnectorError)
+            kind = "connect" if connect else "io"
             error = UpstreamUnavailable(f"upstream unavailable ({during})")
         self._metrics.upstream_errors.labels(self.prefix, kind).inc()
         log.warning(
