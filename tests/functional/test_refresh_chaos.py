@@ -12,6 +12,7 @@ are in `test_refresh_faults`, which reuses this module's helpers.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +41,13 @@ ACCESS_TTL = 6.0  # read by the `idp` fixture of tests/functional/conftest.py
 DUE_AFTER = 3.3  # seconds after a (re)fresh token was requested: less than 3 s left, still valid
 REFRESH = {"before_expiry": "3s", "idp_timeout": "2s", "lock_ttl": "6s", "wait_timeout": "5s"}
 DELAY = 0.4  # the slow IdP's token endpoint
+# The IdP signs exp = floor(issue time) + ACCESS_TTL (whole seconds), the sidecar caps the
+# token's expiry at that exp and stops forwarding it lifetime / 10 (0.6 s) before. Counted
+# from the login a token is usable for 4.4-5.4 s, by where in its second the code exchange
+# fell; tests whose timeline needs the old token log in with `login_known_exp` and count
+# from its exp.
+EXCHANGE_AT = 0.05  # seconds into a wall-clock second: when `login_known_exp` exchanges
+STILL_VALID = 0.6  # lifetime / 10: the sidecar's margin before the token's `exp`
 
 
 @pytest.fixture
@@ -95,6 +103,38 @@ def new_storm(targets: list[Target]) -> Storm:
 
 def delta(after: dict[str, int], before: dict[str, int], key: str) -> int:
     return after[key] - before[key]
+
+
+async def login_known_exp(base: str, user: str) -> tuple[str, float]:
+    """Log in with the code exchange `EXCHANGE_AT` s into a wall-clock second.
+
+    Returns the session cookie and the access token's `exp` (Unix time): that second plus
+    ACCESS_TTL (login returns well within a second of the exchange). The token's lifetime is
+    then ACCESS_TTL - EXCHANGE_AT: it is due from exp - 2.97 s (before_expiry 3 s) and
+    forwarded until exp - STILL_VALID.
+    """
+    cookie = await login(base, user, exchange_at_fraction=EXCHANGE_AT)
+    return cookie, math.floor(time.time() - EXCHANGE_AT) + ACCESS_TTL
+
+
+def explain(results: list[Result], token: str | None, storm: Storm, exp: float) -> str:
+    """Per replica: (status, ok, same token?) counts, when the calls were sent and answered
+    against the token's exp, the error bodies and Retry-After (for failure messages)."""
+    lines = [f"token exp {exp:.0f}; the sidecar forwards it until exp - {STILL_VALID}s"]
+    for replica in sorted({r.target.replica for r in results}):
+        mine = [r for r in results if r.target.replica == replica]
+        kinds = Counter(
+            (r.status, r.ok, "no token" if r.token is None else r.token == token) for r in mine
+        )
+        sent = [exp - storm.wall(r.started) for r in mine]
+        ended = [exp - storm.wall(r.ended) for r in mine]
+        bodies = Counter(str(r.body) for r in mine if r.status != 200)
+        lines.append(
+            f"replica {replica}: {dict(kinds)} sent at exp - {max(sent):.2f}..{min(sent):.2f}s, "
+            f"answered at exp - {max(ended):.2f}..{min(ended):.2f}s; bodies {dict(bodies)}; "
+            f"Retry-After {sorted({str(r.retry_after) for r in mine})}"
+        )
+    return "\n".join(lines)
 
 
 # --- 1. 3 replicas x 300 concurrent calls, slow IdP, several rotations ---------------------
@@ -268,6 +308,7 @@ async def test_lock_holder_killed_mid_refresh(
 
 
 FAIL_REFRESH = {"before_expiry": "3s", "idp_timeout": "1s", "lock_ttl": "3s", "wait_timeout": "2s"}
+JUST_DUE = 2.9  # seconds before exp: due (the window is 2.97 s), the longest time still valid
 
 
 async def test_idp_503_and_slow_answer_are_transient(
@@ -277,14 +318,23 @@ async def test_idp_503_and_slow_answer_are_transient(
     redis_prefix: str,
 ) -> None:
     """IdP 503: transient. An answer slower than idp_timeout: callers use the old token at
-    1 s, the grant runs on and its late answer is kept. One IdP call each, sessions kept."""
+    1 s, the grant runs on and its late answer is kept. One IdP call each, sessions kept.
+
+    Both parts need the old token, so they are timed from its `exp`, not from the login:
+    counted from a login at a random point of a second, alice's part (1.6 s after bob's, 4.6 s
+    after the logins) fell after the sidecar's margin before exp whenever the exchange was
+    late in its second (503 refresh_unavailable for both of alice's calls, correctly).
+    """
     idp = slow_idp
     (replica,) = start(1, idp, upstream, redis_prefix, sidecar_process, FAIL_REFRESH)
-    alice, bob = await asyncio.gather(login(replica.base, "alice"), login(replica.base, "bob"))
-    issued = time.monotonic()
+    # One after the other: alice's exchange falls in a later second than bob's, her token
+    # expires at least a second after his.
+    bob, bob_exp = await login_known_exp(replica.base, "bob")
+    alice, alice_exp = await login_known_exp(replica.base, "alice")
     ta, tb = Target(replica.base, alice, 0, "alice"), Target(replica.base, bob, 0, "bob")
-    # Just due (the JWT exp is rounded down to a whole second): the token outlives the timeout.
-    await asyncio.sleep(max(0.0, issued + 3.0 - time.monotonic()))
+    # Just due (less than min(3 s, lifetime / 2) = 2.97 s left): bob's first caller answers at
+    # exp - 1.9 s, the late answer comes at exp - 1.3 s.
+    await asyncio.sleep(max(0.0, bob_exp - JUST_DUE - time.time()))
     storm = new_storm([ta, tb])
     async with client() as http:
         # Slower than idp_timeout (1 s): one call, never retried; the caller gets the old
@@ -301,13 +351,18 @@ async def test_idp_503_and_slow_answer_are_transient(
             f"[IdP slow] first {r1.status} after {took:.2f}s, second {r2.status}; "
             f"token_requests +{delta(s1, s0, 'token_requests')} {r1.body or ''}"
         )
-        assert (r1.status, r1.ok, r2.status, r2.ok) == (200, True, 200, True)
+        assert (r1.status, r1.ok, r2.status, r2.ok) == (200, True, 200, True), explain(
+            [r1, r2], None, storm, bob_exp
+        )
         assert 0.9 < took < 1.6, took
         assert r1.token != r2.token  # the late answer, stored
         assert delta(s1, s0, "token_requests") == 1
         assert delta(s1, s0, "reuse_detected") == 0
 
         # 503: the old token is still used, the session kept, no retry before the backoff.
+        # Alice's exp is at least a second after bob's: this is at her exp - 2.3 s or earlier
+        # (1.7 s before the sidecar's margin); wait until she is due, if she is not yet.
+        await asyncio.sleep(max(0.0, alice_exp - JUST_DUE - time.time()))
         set_token_failures(idp, 1)
         s0 = idp_stats(idp)
         r1 = await storm._one(http, ta)
@@ -317,7 +372,9 @@ async def test_idp_503_and_slow_answer_are_transient(
             f"[IdP 503] first {r1.status} second {r2.status}; "
             f"token_requests +{delta(s1, s0, 'token_requests')} {r1.body or ''}"
         )
-        assert (r1.status, r1.ok, r2.status, r2.ok) == (200, True, 200, True)
+        assert (r1.status, r1.ok, r2.status, r2.ok) == (200, True, 200, True), explain(
+            [r1, r2], None, storm, alice_exp
+        )
         assert r1.token == r2.token
         assert delta(s1, s0, "token_requests") == 1
         assert delta(s1, s0, "refresh_grants") == 0

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,11 +30,14 @@ from sidecar.devidp.provider import GarbageKind
 from tests.conftest import REDIS_URL
 from tests.functional.redis_topologies import Fleet, RedisProcess
 from tests.functional.test_refresh_chaos import (
+    ACCESS_TTL,  # read by the `idp` fixture of tests/functional/conftest.py
     DUE_AFTER,
     REFRESH,
     burst,
     client,
     delta,
+    explain,
+    login_known_exp,
     new_storm,
     set_delay,
     start,
@@ -58,14 +59,12 @@ from tests.functional.test_refresh_storm import (
 )
 from tests.idp import ThreadedIdP
 
-ACCESS_TTL = 6.0  # read by the `idp` fixture of tests/functional/conftest.py
 BACKOFF_1 = 1.05  # seconds: the backoff after a first failure is 0.5-1 s (jitter)
 # The sidecar stops forwarding a token with less than lifetime / 10 left (0.6 s here), and
 # counts its expiry from the code exchange, capped by the JWT `exp` (whole seconds: up to 1 s
 # earlier): it counts as expired 4.4-5.4 s after login, by where in its second the exchange
 # fell; 5.6 s after login it has expired in any case.
 EXPIRED_AFTER = 5.6
-STILL_VALID = 0.6  # lifetime / 10: the sidecar's margin before the token's `exp`
 
 
 @pytest.fixture
@@ -299,10 +298,7 @@ async def test_idp_slower_than_lock_ttl(
     """
     idp = faulty_idp
     a, b = start(2, idp, upstream, redis_prefix, sidecar_process, SLOW_REFRESH)
-    # The exchange 0.05 s into a wall-clock second: the token's exp is that second + 6 s
-    # (login returns after the exchange, well within a second of it).
-    cookie = await login(a.base, "alice", exchange_at_fraction=0.05)
-    exp = math.floor(time.time() - 0.05) + ACCESS_TTL
+    cookie, exp = await login_known_exp(a.base, "alice")
     targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate((a, b))]
     storm = new_storm(targets)
     async with client() as http:
@@ -337,7 +333,7 @@ async def test_idp_slower_than_lock_ttl(
             f"reuse +{delta(s2, s0, 'reuse_detected')}"
         )
         kept = all(r.status == 200 and r.ok and r.token == first.token for r in slow)
-        assert kept, explain_slow(slow, first.token, storm.wall0 + t, exp)
+        assert kept, explain(slow, first.token, storm, exp)
         assert shortest >= 1.0 and longest < 2.1, (shortest, longest)
         assert delta(s1, s0, "token_requests") == 1, "another replica called the IdP in turn"
         assert delta(s1, s0, "refresh_grants") == 1  # one grant for the one rotation
@@ -350,24 +346,6 @@ async def test_idp_slower_than_lock_ttl(
     assert outcomes(metrics, "refreshed_late") == 1
     assert outcomes(metrics, "transient") == 0
     assert outcomes(metrics, "invalid_grant_lost_rotation") == 0
-
-
-def explain_slow(slow: list[Result], token: str | None, wall_start: float, exp: float) -> str:
-    """Per replica: (status, ok, same token?) counts, durations and error bodies, against exp."""
-    usable = exp - STILL_VALID - wall_start
-    lines = [f"burst at exp - {exp - wall_start:.2f}s; token usable until +{usable:.2f}s"]
-    for replica in sorted({r.target.replica for r in slow}):
-        mine = [r for r in slow if r.target.replica == replica]
-        kinds = Counter(
-            (r.status, r.ok, "no token" if r.token is None else r.token == token) for r in mine
-        )
-        bodies = Counter(str(r.body) for r in mine if r.status != 200)
-        ended = [r.ended - r.started for r in mine]
-        lines.append(
-            f"replica {replica}: {dict(kinds)} answered after {min(ended):.2f}-{max(ended):.2f}s"
-            f"; bodies {dict(bodies)}; Retry-After {sorted({str(r.retry_after) for r in mine})}"
-        )
-    return "\n".join(lines)
 
 
 # --- 3. Redis restarted during a refresh ------------------------------------------------------
