@@ -8,7 +8,7 @@ Everything listens on 127.0.0.1 on free ports and is stopped at exit:
   prefix, `daemon off;`; without nginx, a fast Python (uvloop + aiohttp) upstream instead;
 * an nginx reverse proxy to it (skipped without nginx);
 * a bare aiohttp pass-through proxy written here (uvloop, one ClientSession, streamed bodies):
-  the floor for any aiohttp proxy;
+  the floor for a proxy built on aiohttp's server and client (the reference issue 7 names);
 * the sidecar (`python -m sidecar run`) with 1 and with 2 workers, Redis store (127.0.0.1:6379,
   unique key prefix): one row on a public path, one row with an authenticated session (cookie
   from a real login at the dev IdP).
