@@ -22,6 +22,23 @@ StartSidecar = Callable[..., Awaitable[Any]]
 StartRaw = Callable[..., Awaitable[tuple[RawServer, str]]]
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def gets_through_sidecar(
+    start_sidecar: StartSidecar,
+    start_raw: StartRaw,
+    upstream: Handler,
+    times: int,
+    expect: tuple[int, bytes] = (200, b"ok"),
+) -> RawServer:
+    """`times` GETs through a sidecar in front of `upstream`, each answered `expect`."""
+    server, url = await start_raw(upstream)
+    sidecar = await start_sidecar(upstream_config(url))
+    for i in range(times):
+        response = await raw_exchange(sidecar.url("/"), raw_get(f"/{i}"))
+        assert (response.status, response.body) == expect
+    return server
 
 
 async def test_idle_connection_closed_by_upstream_is_retried_once_for_get(
@@ -41,12 +58,8 @@ async def test_idle_connection_closed_by_upstream_is_retried_once_for_get(
         await reader.read(1)
         writer.transport.abort()
 
-    server, url = await start_raw(one_then_gone)
-    sidecar = await start_sidecar(upstream_config(url))
-    for path in ("/a", "/b", "/c"):
-        response = await raw_exchange(sidecar.url("/"), raw_get(path))
-        assert (response.status, response.body) == (200, b"ok")
-    # /a on connection 1; /b met its end, then connection 2; /c the same, then connection 3.
+    server = await gets_through_sidecar(start_sidecar, start_raw, one_then_gone, 3)
+    # /0 on connection 1; /1 met its end, then connection 2; /2 the same, then connection 3.
     assert server.connections == 3
 
 
@@ -116,11 +129,8 @@ async def test_body_delimited_by_the_connection_end(
             await asyncio.sleep(0.05)
         writer.close()
 
-    server, url = await start_raw(until_close)
-    sidecar = await start_sidecar(upstream_config(url))
-    for _ in range(2):
-        response = await raw_exchange(sidecar.url("/"), raw_get("/x"))
-        assert (response.status, response.body) == (200, b"first second last")
+    expect = (200, b"first second last")
+    server = await gets_through_sidecar(start_sidecar, start_raw, until_close, 2, expect)
     assert server.connections == 2
 
 
@@ -135,11 +145,7 @@ async def test_connection_close_is_honoured(
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
             await writer.drain()
 
-    server, url = await start_raw(closing)
-    sidecar = await start_sidecar(upstream_config(url))
-    for _ in range(3):
-        response = await raw_exchange(sidecar.url("/"), raw_get("/x"))
-        assert (response.status, response.body) == (200, b"ok")
+    server = await gets_through_sidecar(start_sidecar, start_raw, closing, 3)
     assert server.connections == 3
 
 
