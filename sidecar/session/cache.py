@@ -75,3 +75,8 @@ class SessionCache:
         self.changes += 1
         self._entries.clear()
         self._by_hash.clear()
+
+    def switch_off(self) -> None:
+        """No feed to trust: serve nothing from memory until it is back."""
+        self.enabled = False
+        self.clear()

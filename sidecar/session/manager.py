@@ -107,15 +107,13 @@ class SessionManager:
                             "session change feed lost; session cache off until it is back",
                             extra={"error": str(exc)},
                         )
-                self._cache.enabled = False
-                self._cache.clear()
+                self._cache.switch_off()
                 await asyncio.sleep(_FEED_RETRY)
         except Exception:
             log.exception("session change feed failed; session cache off")
             raise
         finally:
-            self._cache.enabled = False
-            self._cache.clear()
+            self._cache.switch_off()
 
     def _changed(self, h: str | None) -> None:
         """From the feed: `h` changed or went; None: (re)subscribed, anything may have changed."""
