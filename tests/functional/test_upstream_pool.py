@@ -9,13 +9,19 @@ are not HTTP, request heads that a header value would split, and the pool's limi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.upstream_http import ConnectionPool, UnsafeHeader, encode_head
+from tests.conftest import free_port
 from tests.functional.conftest import RawServer, raw_exchange, raw_get, read_request
+from tests.functional.redis_topologies import TlsFiles, make_tls
 from tests.functional.test_proxy_streaming import upstream_config
 
 StartSidecar = Callable[..., Awaitable[Any]]
@@ -243,3 +249,51 @@ async def test_pool_limit_queues_requests(start_raw: StartRaw) -> None:
         assert server.connections == 2  # the third reused a released connection
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def tls_upstream(tmp_path: Path) -> AsyncIterator[tuple[TlsFiles, int]]:
+    """An aiohttp upstream on HTTPS with a certificate from a CA of the test's own."""
+    files = make_tls(tmp_path / "tls", "upstream")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello over {request.scheme}")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    yield files, port
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+async def test_https_upstream_is_verified(
+    host: str,
+    tls_upstream: tuple[TlsFiles, int],
+    start_sidecar: StartSidecar,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An https upstream is reached only when its certificate chains to a trusted CA.
+
+    Trusted here through SSL_CERT_FILE (OpenSSL's default verify paths); without it, the
+    system store does not know the test's CA and the answer is 502, never a 200 over an
+    unverified connection.
+    """
+    files, port = tls_upstream
+    url = f"https://{host}:{port}"
+    untrusting = await start_sidecar(upstream_config(url))
+    async with http.get(untrusting.url("/hello")) as response:
+        assert response.status == 502
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(files.ca_cert))
+    trusting = await start_sidecar(upstream_config(url))
+    for _ in range(2):  # the second on the pooled TLS connection
+        async with http.get(trusting.url("/hello")) as response:
+            assert response.status == 200
+            assert await response.text() == "hello over https"
