@@ -108,7 +108,9 @@ def build_apps(
     main[READINESS] = readiness
     main[ROUTER] = router
     main[OIDC] = oidc
-    sessions = SessionManager(store, keyring, config.session)
+    sessions = SessionManager(
+        store, keyring, config.session, on_caching=metrics.session_cache_live.set
+    )
     main[SESSIONS] = sessions
     main[EVENTS] = events
     main[REFRESHER] = Refresher(sessions, oidc, locks, events, config.refresh, metrics)

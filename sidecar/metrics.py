@@ -36,6 +36,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",  # summed over live workers when server.workers > 1
         )
+        self.session_cache_live = Gauge(
+            "sidecar_session_cache_live",
+            "1 while sessions are served from this process's memory (the store's change feed "
+            "is followed), 0 while every request reads the store.",
+            registry=self.registry,
+            multiprocess_mode="livemin",  # with workers: 0 if any live worker's cache is off
+        )
         self.upstream_errors = Counter(
             "sidecar_upstream_errors",
             "Failures talking to an upstream, by upstream path prefix and kind.",

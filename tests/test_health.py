@@ -322,3 +322,23 @@ async def test_metrics_per_sidecar_instance(
         assert resp.status == 502
     samples = await scrape(http, second.management_url("/metrics"))
     assert sample(samples, "sidecar_upstream_errors_total", upstream="/", kind="connect") is None
+
+
+async def test_session_cache_live_gauge(start_sidecar: Any, http: aiohttp.ClientSession) -> None:
+    """The gauge says whether sessions come from memory: 1 once the feed is followed, 0 when
+    the cache is configured off (`cache_ttl: 0s`: every request reads the store)."""
+    session = {
+        "store": "memory",
+        "cookie_name": "sidecar",
+        "cookie_secure": False,
+        "encryption_keys": [TEST_KEY],
+    }
+    on = await start_sidecar(make_config(session=session))
+    off = await start_sidecar(make_config(session={**session, "cache_ttl": "0s"}))
+    live = "sidecar_session_cache_live"
+    for _ in range(50):
+        if sample(await scrape(http, on.management_url("/metrics")), live) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert sample(await scrape(http, on.management_url("/metrics")), live) == 1
+    assert sample(await scrape(http, off.management_url("/metrics")), live) == 0

@@ -236,7 +236,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 async def test_silent_feed_turns_the_cache_off(following, own_redis: RedisProcess) -> None:  # type: ignore[no-untyped-def]
     """A frozen Redis: no heartbeat comes back, so the cache goes off; it returns after."""
     store = RedisSessionStore.from_url(f"redis://{own_redis.address}/0", "feed")
-    manager = SessionManager(store, _keyring(), config(cache_ttl="60s"))
+    reports: list[bool] = []  # what the sidecar_session_cache_live gauge is told
+    manager = SessionManager(store, _keyring(), config(cache_ttl="60s"), on_caching=reports.append)
     try:
         following(manager)
         await until(lambda: manager.caching, 3.0)
@@ -253,5 +254,7 @@ async def test_silent_feed_turns_the_cache_off(following, own_redis: RedisProces
         back_after = await until(lambda: manager.caching, 10.0)
         print(f"[cache] off {off_after:.2f} s after Redis froze, back {back_after:.2f} s after")
         assert (await manager.current(session.id)) is not None
+        changes = [r for i, r in enumerate(reports) if i == 0 or reports[i - 1] != r]
+        assert changes == [True, False, True]
     finally:
         await store.close()

@@ -60,13 +60,16 @@ class SessionManager:
         keyring: Keyring,
         config: SessionConfig,
         clock: Callable[[], float] = time.time,
+        on_caching: Callable[[bool], None] = lambda _: None,
     ) -> None:
+        """`on_caching` hears when the cache goes on or off (a metric; logs say why)."""
         self.store = store
         self._keyring = keyring
         self._config = config
         self._clock = clock
         self._touched: dict[str, float] = {}
         self._cache = SessionCache(config.cache_ttl, config.cache_max_entries)
+        self._on_caching = on_caching
 
     async def current(self, session_id: str | None) -> Session | None:
         """`load` for a request: a session this process opened moments ago is reused as is."""
@@ -108,18 +111,21 @@ class SessionManager:
                             extra={"error": str(exc)},
                         )
                 self._cache.switch_off()
+                self._on_caching(False)
                 await asyncio.sleep(_FEED_RETRY)
         except Exception:
             log.exception("session change feed failed; session cache off")
             raise
         finally:
             self._cache.switch_off()
+            self._on_caching(False)
 
     def _changed(self, h: str | None) -> None:
         """From the feed: `h` changed or went; None: (re)subscribed, anything may have changed."""
         if h is None:
             self._cache.clear()
             self._cache.enabled = True
+            self._on_caching(True)
         else:
             self._cache.invalidate(h)
 
