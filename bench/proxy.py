@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import os
 import re
 import secrets
@@ -258,7 +259,18 @@ def start_nginx(procs: Procs, name: str, port: int, proxy_to: str | None) -> int
 
 
 class ThreadedIdP:
-    def __init__(self, port: int, redirect_bases: list[str]) -> None:
+    """`sidecar.devidp.DevIdP` served from its own event loop and thread (refresh_storm.py
+    and session_scale.py use it too)."""
+
+    def __init__(
+        self,
+        port: int,
+        redirect_bases: list[str],
+        *,
+        access_token_ttl: float = 6 * 3600.0,
+        token_delay: float = 0.0,
+    ) -> None:
+        """By default tokens outlive the benchmark: no refresh happens during a measurement."""
         from aiohttp import web
 
         from sidecar.devidp import DevClient, DevIdP, default_users
@@ -270,14 +282,14 @@ class ThreadedIdP:
             tuple(b + "/oauth2/callback" for b in redirect_bases),
             tuple(b + "/" for b in redirect_bases),
         )
-        # Tokens outlive the benchmark: no refresh happens during a measurement.
         self.idp = DevIdP(
             self.issuer,
             clients={CLIENT_ID: client},
             users=default_users(),
-            access_token_ttl=6 * 3600.0,
+            access_token_ttl=access_token_ttl,
             refresh_token_ttl=12 * 3600.0,
         )
+        self.idp.token_endpoint_delay = token_delay
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
 
@@ -293,6 +305,14 @@ class ThreadedIdP:
         self._thread.start()
         if not started.wait(10):
             raise RuntimeError("dev IdP did not start")
+
+    def stats(self) -> Any:
+        """A copy of the IdP's counters, taken on its own thread."""
+
+        async def copy() -> Any:
+            return dataclasses.replace(self.idp.stats)
+
+        return asyncio.run_coroutine_threadsafe(copy(), self._loop).result(10)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,6 +1,6 @@
 """Refresh storm (issue 4): C concurrent clients on one session while its token keeps expiring.
 
-    /tmp/venv/bin/python bench/refresh_storm.py [--duration 10] [--clients 100]
+    .venv/bin/python bench/refresh_storm.py [--duration 10] [--clients 100]
         [--replicas 1,3] [--ttl 3] [--token-delay 0]
 
 Everything listens on 127.0.0.1 on free ports and is stopped at exit:
@@ -27,28 +27,23 @@ import asyncio
 import base64
 import dataclasses
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import proxy as bench
+
+HOST = bench.HOST
+REDIS_URL = bench.REDIS_URL
 COOKIE = "sidecar_storm"
-CLIENT_ID = "storm"
-CLIENT_SECRET = "storm-client-secret"
 JSON = {"Accept": "application/json"}
 READY_TIMEOUT = 30.0  # seconds for a sidecar process to answer /readyz
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+free_port = bench.free_port
 
 
 # --- the upstream (runs as `bench/refresh_storm.py --upstream PORT`) ----------------------
@@ -68,57 +63,6 @@ def run_upstream(port: int) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(main())
-
-
-# --- the dev IdP, in a thread -------------------------------------------------------------
-
-
-class IdPThread:
-    """`sidecar.devidp.DevIdP` served from its own event loop and thread."""
-
-    def __init__(self, port: int, bases: list[str], ttl: float, delay: float) -> None:
-        from aiohttp import web
-
-        from sidecar.devidp import DevClient, DevIdP, default_users
-
-        self.issuer = f"http://{HOST}:{port}"
-        client = DevClient(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            tuple(b + "/oauth2/callback" for b in bases),
-            tuple(b + "/" for b in bases),
-        )
-        self.idp = DevIdP(
-            self.issuer, clients={CLIENT_ID: client}, users=default_users(), access_token_ttl=ttl
-        )
-        self.idp.token_endpoint_delay = delay
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            runner = web.AppRunner(self.idp.app(), access_log=None)
-            self._loop.run_until_complete(runner.setup())
-            self._loop.run_until_complete(web.TCPSite(runner, HOST, port).start())
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="dev-idp", daemon=True)
-        self._thread.start()
-        if not started.wait(10):
-            raise RuntimeError("dev IdP did not start")
-
-    def stats(self) -> Any:
-        """A copy of the IdP's counters, taken on its own thread."""
-
-        async def copy() -> Any:
-            return dataclasses.replace(self.idp.stats)
-
-        return asyncio.run_coroutine_threadsafe(copy(), self._loop).result(10)
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 # --- sidecar processes --------------------------------------------------------------------
@@ -143,8 +87,8 @@ def start_replica(
         "management": {"listen": f"{HOST}:{mport}"},
         "oidc": {
             "issuer": issuer,
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
+            "client_id": bench.CLIENT_ID,
+            "client_secret": bench.CLIENT_SECRET,
             "scopes": ["openid", "email", "profile", "offline_access"],
             "post_logout_redirect_url": base + "/",
         },
@@ -254,7 +198,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def scenario(
-    tmp: Path, idp: IdPThread, upstream: str, ports: list[int], args: argparse.Namespace
+    tmp: Path, idp: bench.ThreadedIdP, upstream: str, ports: list[int], args: argparse.Namespace
 ) -> None:
     import aiohttp
     import redis.asyncio as redis
@@ -358,7 +302,7 @@ async def scenario(
         )
 
 
-async def run(args: argparse.Namespace, idp: IdPThread, upstream: str, ports: Any) -> None:
+async def run(args: argparse.Namespace, idp: bench.ThreadedIdP, upstream: str, ports: Any) -> None:
     print(
         f"refresh storm: access_token_ttl {args.ttl:g} s, refresh.before_expiry 1 s, "
         f"IdP token delay {args.token_delay:g} s, {args.duration:g} s per run; "
@@ -383,7 +327,9 @@ def main() -> int:
     args.counts = [int(c) for c in args.replicas.split(",")]
     ports = {c: [free_port() for _ in range(c)] for c in args.counts}
     bases = [f"http://{HOST}:{p}" for ps in ports.values() for p in ps]
-    idp = IdPThread(free_port(), bases, args.ttl, args.token_delay)
+    idp = bench.ThreadedIdP(
+        free_port(), bases, access_token_ttl=args.ttl, token_delay=args.token_delay
+    )
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
     try:
