@@ -439,16 +439,12 @@ def set_outage(provider: ProviderHandle, mode: str) -> None:
         assert r.status == 200
 
 
-@pytest.mark.parametrize("mode", ["503", "reset"], ids=["token-endpoint-503", "connection-reset"])
-async def test_idp_token_endpoint_down_across_expiry_then_back(
-    oidc_provider: Any, sidecar_process: Any, upstream_app: Any, redis_prefix: str, mode: str
-) -> None:
-    """The provider's token endpoint fails (503, or the connection dropped unanswered) from
-    before the refresh window until after the access token expired, processing no grant.
-    Meanwhile requests get 200 while the token is valid and 503 with Retry-After after that;
-    once it is back the same session gets 200 with a fresh token the provider accepts, and no
-    refresh token was ever presented twice."""
-    cluster = await start_cluster(
+@pytest.fixture
+async def outage_cluster(
+    oidc_provider: Any, sidecar_process: Any, upstream_app: Any, redis_prefix: str
+) -> Cluster:
+    """One replica, short tokens, the outage tests' refresh settings."""
+    return await start_cluster(
         oidc_provider,
         sidecar_process,
         upstream_app,
@@ -457,6 +453,18 @@ async def test_idp_token_endpoint_down_across_expiry_then_back(
         access_token_ttl=OUTAGE_TTL,
         refresh=OUTAGE_REFRESH,
     )
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"], ids=["token-endpoint-503", "connection-reset"])
+async def test_idp_token_endpoint_down_across_expiry_then_back(
+    outage_cluster: Cluster, mode: str
+) -> None:
+    """The provider's token endpoint fails (503, or the connection dropped unanswered) from
+    before the refresh window until after the access token expired, processing no grant.
+    Meanwhile requests get 200 while the token is valid and 503 with Retry-After after that;
+    once it is back the same session gets 200 with a fresh token the provider accepts, and no
+    refresh token was ever presented twice."""
+    cluster = outage_cluster
     provider = cluster.provider
     run = await run_outage(
         cluster,
@@ -482,9 +490,7 @@ async def test_idp_token_endpoint_down_across_expiry_then_back(
     )
 
 
-async def test_idp_frozen_across_expiry_keeps_session(
-    oidc_provider: Any, sidecar_process: Any, upstream_app: Any, redis_prefix: str
-) -> None:
+async def test_idp_frozen_across_expiry_keeps_session(outage_cluster: Cluster) -> None:
     """The provider process is frozen (SIGSTOP: connections are accepted, nothing answers)
     from before the refresh window until after the access token expired. Meanwhile the answers
     are those of an IdP outage (200 while the token is valid, then 503 + Retry-After, never an
@@ -492,15 +498,7 @@ async def test_idp_frozen_across_expiry_keeps_session(
     is not abandoned. Thawed, the provider answers it; the late answer is stored and the same
     session gets 200 with the rotated token: one grant, no refresh token presented twice, no
     reuse detection, no revocation (DESIGN §5 invariant)."""
-    cluster = await start_cluster(
-        oidc_provider,
-        sidecar_process,
-        upstream_app,
-        redis_prefix,
-        replicas=1,
-        access_token_ttl=OUTAGE_TTL,
-        refresh=OUTAGE_REFRESH,
-    )
+    cluster = outage_cluster
     provider = cluster.provider
     run = await run_outage(
         cluster,
