@@ -260,7 +260,7 @@ class AccessConfig(_Section):
 class UpstreamConfig(_Section):
     path: PathPrefix = "/"
     url: BaseUrl
-    # 0 would switch aiohttp's timeouts off: a hung upstream would hold the request forever.
+    # Must be > 0: there is no "never time out"; a hung upstream must not hold requests forever.
     timeout: Duration = Field(30.0, gt=0, description="wait for response headers and between reads")
     connect_timeout: Duration = Field(5.0, gt=0)
     strip_prefix: bool = False
