@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
-from multidict import MultiMapping
 
 from sidecar.access import claim_values
 from sidecar.config import InjectConfig
@@ -64,11 +63,8 @@ WEBSOCKET_HANDSHAKE = frozenset(
 )
 
 
-def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
-    """Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1)."""
-    values = headers.getall("Connection", ())
-    if not values:
-        return frozenset()
+def _connection_tokens(values: Iterable[str]) -> frozenset[str]:
+    """Headers named in `Connection` values are hop-by-hop too (RFC 9110 §7.6.1)."""
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
@@ -122,7 +118,7 @@ class RequestHeaderFilter:
         trusted = self._policy.trusts(peer)
         skip = self._trusted_skip if trusted else self._untrusted_skip
         if "Connection" in incoming:
-            skip = skip | _connection_tokens(incoming)
+            skip = skip | _connection_tokens(incoming.getall("Connection"))
         drop = self._drop
         cookie_filter = self._cookie_filter
         out: list[tuple[str, str]] = []
@@ -158,16 +154,16 @@ class RequestHeaderFilter:
 def response_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's response headers minus hop-by-hop ones; `Set-Cookie` kept as is."""
     out: list[tuple[str, str]] = []
-    named: set[str] = set()  # headers the upstream's `Connection` marks hop-by-hop
+    connection: list[str] = []
     for name, value in upstream:
         lowered = name.lower()
         if lowered in HOP_BY_HOP:
             if lowered == "connection":
-                named.update(t.strip().lower() for t in value.split(","))
+                connection.append(value)
             continue
         out.append((name, value))
-    named -= HOP_BY_HOP  # usually `Connection: keep-alive` or `close`: nothing more to drop
-    named.difference_update(("", "close"))
+    # Usually `Connection: keep-alive` or `close`: nothing more to drop.
+    named = _connection_tokens(connection) - HOP_BY_HOP - {"close"}
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
     return out
