@@ -65,11 +65,6 @@ class Upstream:
         self._origin = str(base.origin())
         self._base_path = base.raw_path.rstrip("/")
         self._authority = base.raw_authority  # the Host header when the client's is not passed
-        self._host, self._port, self._tls = (
-            base.raw_host or "",
-            base.port or 80,
-            base.scheme == "https",
-        )
         self._pass_host = config.pass_host_header
         self._strip = (
             self.prefix.rstrip("/") if config.strip_prefix and self.prefix != "/" else None
@@ -81,18 +76,18 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.timeout
         )
+        # Opens connections only when used; nothing to start.
+        self._pool = ConnectionPool(
+            base.raw_host or "",
+            base.port or 80,
+            tls=base.scheme == "https",
+            limit=_POOL_SIZE,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.timeout,
+        )
         self._session: aiohttp.ClientSession | None = None
-        self._pool: ConnectionPool | None = None
 
     async def start(self) -> None:
-        self._pool = ConnectionPool(
-            self._host,
-            self._port,
-            tls=self._tls,
-            limit=_POOL_SIZE,
-            connect_timeout=self.config.connect_timeout,
-            read_timeout=self.config.timeout,
-        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_POOL_SIZE, enable_cleanup_closed=True),
             timeout=self._timeout,
@@ -103,9 +98,7 @@ class Upstream:
         )
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -115,12 +108,6 @@ class Upstream:
         if self._session is None:
             raise RuntimeError("upstream used before start() or after close()")
         return self._session
-
-    @property
-    def pool(self) -> ConnectionPool:
-        if self._pool is None:
-            raise RuntimeError("upstream used before start() or after close()")
-        return self._pool
 
     def path(self, request: web.BaseRequest) -> str:
         """The upstream request target: raw path and query byte for byte."""
@@ -157,7 +144,7 @@ class Upstream:
             headers.append(("Transfer-Encoding", "chunked"))
         try:
             head = encode_head(request.method, self.path(request), headers)
-            upstream = await self.pool.request(request.method, head, body, chunked=chunked)
+            upstream = await self._pool.request(request.method, head, body, chunked=chunked)
         except (OSError, TimeoutError, UnsafeHeader) as exc:
             raise self._error(exc, "request") from exc
 

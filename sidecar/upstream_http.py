@@ -233,9 +233,11 @@ class _Connection(asyncio.Protocol):
     # --- used by the pool and the response ------------------------------------------------
 
     def start(self, head: bytes, method: str) -> asyncio.Future[UpstreamResponse]:
-        """Send a request head; the future resolves with the response's status and headers."""
+        """Send a request head; the future resolves with the response's status and headers.
+
+        The connection is new or was put back by `finish()`: either way its state is reset.
+        """
         assert self.transport is not None
-        self._reset()
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self._head = self._loop.create_future()
