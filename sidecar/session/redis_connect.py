@@ -94,7 +94,7 @@ def connect(config: RedisConfig) -> RedisClient:
             **{k: v for k, v in common.items() if k not in ("username", "password")},
             **sentinel_auth,
         }
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             [_host_port(a) for a in config.sentinel.addresses],
             sentinel_kwargs=sentinel_kwargs,
             decode_responses=False,
