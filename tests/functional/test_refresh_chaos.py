@@ -48,6 +48,9 @@ DELAY = 0.4  # the slow IdP's token endpoint
 # from its exp.
 EXCHANGE_AT = 0.05  # seconds into a wall-clock second: when `login_known_exp` exchanges
 STILL_VALID = 0.6  # lifetime / 10: the sidecar's margin before the token's `exp`
+# A token is surely due this long before its exp: the sidecar's expiry is at most the exp and
+# its window is min(3 s, lifetime / 2), the lifetime being over 5 s (exp = floor(issue) + 6).
+SURELY_DUE = 2.4
 
 
 @pytest.fixture
@@ -117,6 +120,20 @@ async def login_known_exp(base: str, user: str) -> tuple[str, float]:
     return cookie, math.floor(time.time() - EXCHANGE_AT) + ACCESS_TTL
 
 
+def latest_access_exp(idp: ThreadedIdP, user: str) -> float:
+    """The `exp` (Unix time) of the newest access token the IdP issued to `user`."""
+
+    def newest() -> float:
+        grants = idp.idp._grants
+        families = grants._families
+        return max(
+            a.expires_at for a in grants._access.values() if families[a.family_id].sub == user
+        )
+
+    exp: float = idp.call(newest)
+    return exp
+
+
 def explain(results: list[Result], token: str | None, storm: Storm, exp: float) -> str:
     """Per replica: (status, ok, same token?) counts, when the calls were sent and answered
     against the token's exp, the error bodies and Retry-After (for failure messages)."""
@@ -152,7 +169,6 @@ async def test_three_replicas_storm_slow_idp_one_grant_per_rotation(
     idp = slow_idp
     replicas = start(3, idp, upstream, redis_prefix, sidecar_process)
     cookie = await login(replicas[0].base, "alice")
-    issued = time.monotonic()
     set_delay(idp, DELAY)
     targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate(replicas)]
     before = idp_stats(idp)
@@ -160,10 +176,10 @@ async def test_three_replicas_storm_slow_idp_one_grant_per_rotation(
     rounds = 3
     async with client() as http:
         for n in range(rounds):
-            # The IdP rounds exp down to a whole second and the sidecar counts expiry from
-            # its request: the token may be due up to a second later than `issued` implies.
-            await asyncio.sleep(max(0.0, issued + DUE_AFTER + 1.1 - time.monotonic()))
-            issued = time.monotonic()  # the refresh starts now, with the burst
+            # Timed from the current token's exp as the IdP signed it, not from the previous
+            # burst: under load the previous refresh may have started seconds into its burst.
+            exp = latest_access_exp(idp, "alice")
+            await asyncio.sleep(max(0.0, exp - SURELY_DUE - time.time()))
             stats0 = idp_stats(idp)
             t = storm.now()
             results = await burst(storm, http, targets, per_replica)
@@ -180,7 +196,7 @@ async def test_three_replicas_storm_slow_idp_one_grant_per_rotation(
                 Counter((r.status, r.ok, r.error) for r in results),
             )
             assert delta(stats1, stats0, "refresh_grants") == 1
-            assert len(tokens) == 1
+            assert len(tokens) == 1, explain(results, None, storm, exp)
     after = idp_stats(idp)
     metrics = [await refresh_metrics(p.management) for p in replicas]
     outcomes = [
