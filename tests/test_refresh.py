@@ -291,6 +291,37 @@ async def test_fifty_concurrent_requests_one_grant(rig: Rig, store_kind: str) ->
     assert metric(sc, "sidecar_refresh_singleflight_joins_total") > 0
 
 
+async def test_burst_on_due_session_reads_store_once(
+    rig: Rig, store_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 concurrent requests of a due session join one flight before any store read: the
+    store is read twice (the flight's check and its re-read under the lock), not 50 times.
+
+    The IdP answers after 0.5 s so every request arrives while the flight runs."""
+    sc = await rig.sidecar(store_kind)
+    cookie = await rig.login(sc)
+    await rig.token(sc, cookie)  # the session is now in this process's cache
+    await until_due(sc, cookie)
+    store = sessions(sc).store
+    reads = 0
+    real_get = store.get
+
+    async def counting_get(h: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_get(h)
+
+    monkeypatch.setattr(store, "get", counting_get)
+    set_idp(rig.tidp, token_endpoint_delay=0.5)
+    before = stats(rig.tidp)
+
+    results = await asyncio.gather(*(rig.get(sc, cookie) for _ in range(50)))
+
+    assert {status for status, _, _ in results} == {200}
+    assert stats(rig.tidp).refresh_grants == before.refresh_grants + 1
+    assert reads <= 3, reads  # 2, or 3 should a request come after the flight (loaded box)
+
+
 async def test_two_replicas_one_grant(rig: Rig) -> None:
     """Two sidecars on one Redis refreshing the same session at once make one grant between them."""
     a = await rig.sidecar("redis")

@@ -100,32 +100,36 @@ class Refresher:
 
     async def ensure_fresh(self, session: Session) -> Session:
         """A session whose access token the upstream will accept, or an error to answer with."""
-        decision = self._usable(session.record)
-        if decision is True:
+        if self._usable(session.record) is True:
             return session
-        # The caller's copy may come from this process's cache: the store has the last word
-        # on a session about to change (and a Redis outage then fails closed, here).
-        latest = await self._sessions.load(session.id)
-        if latest is None:
-            raise SessionEnded("session ended")
-        session = latest
-        decision = self._usable(session.record)
-        if decision is True:
-            return session
-        if decision is False:
-            self._unavailable(session.record)
-
         # Step 2: register before the first await; shield so a client that goes away
         # cannot cancel a grant that others wait on (aiohttp connector.py does the same).
+        # The flight starts with the store read, so a burst on a due session costs one read.
         flight = self._inflight.get(session.h)
         if flight is None:
-            task = asyncio.create_task(self._refresh(session), name="session-refresh")
+            task = asyncio.create_task(self._from_store(session), name="session-refresh")
             flight = _Flight(task)
             self._inflight[session.h] = flight
             task.add_done_callback(partial(self._forget, session.h, flight))
         else:
             self._metrics.refresh_joins.inc()
         return await self._answer(flight, session)
+
+    async def _from_store(self, session: Session) -> Session:
+        """The stored record if it is usable, else a refresh of it.
+
+        The caller's copy may come from this process's cache: the store has the last word
+        on a session about to change (and a Redis outage then fails closed, here).
+        """
+        latest = await self._sessions.load(session.id)
+        if latest is None:
+            raise SessionEnded("session ended")
+        decision = self._usable(latest.record)
+        if decision is True:
+            return latest
+        if decision is False:
+            self._unavailable(latest.record)
+        return await self._refresh(latest)
 
     async def _answer(self, flight: _Flight, session: Session) -> Session:
         """The flight's result, or after `idp_timeout` of grant the current token / 503.
@@ -182,7 +186,7 @@ class Refresher:
         raise RefreshUnavailable("token expired; the IdP is unavailable", retry_after=wait)
 
     async def _refresh(self, session: Session) -> Session:
-        """Steps 3-6 in the flight's own task; its entry in `_inflight` exists before it runs."""
+        """Steps 3-6 in the flight's task; its entry in `_inflight` exists before it runs."""
         started = time.perf_counter()
         outcome = "error"
         try:
