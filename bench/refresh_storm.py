@@ -1,7 +1,8 @@
-"""Refresh storm (issue 4): C concurrent clients on one session while its token keeps expiring.
+"""Refresh storm (issue 4): C concurrent clients on one session while its token keeps expiring,
+then bursts of M concurrent requests at K sessions whose tokens have all expired.
 
     .venv/bin/python bench/refresh_storm.py [--duration 10] [--clients 100]
-        [--replicas 1,3] [--ttl 3] [--token-delay 0]
+        [--replicas 1,3] [--ttl 3] [--token-delay 0] [--burst 300] [--sessions 1,30]
 
 Everything listens on 127.0.0.1 on free ports and is stopped at exit:
 
@@ -18,6 +19,14 @@ client i always to replica i mod N. It prints requests, req/s, non-200 answers, 
 p50/p99/max latency, the IdP's refresh grants and reuse detections, the sidecars' rotations
 (`sidecar_refresh_total{outcome="refreshed"}`), and per replica the refresh figures from
 its `/metrics`: IdP token-request latency, lock contention and lock wait, single-flight joins.
+
+Then, for each K in `--sessions`: K fresh logins; `--burst` concurrent requests spread over
+the K sessions and the replicas while the tokens are fresh (the baseline), then the same burst
+once every token has expired, so each request waits for its session's refresh (a lock holder's
+grant, or a wait on another replica's). It prints the IdP's refresh grants (K when each
+session refreshed once), reuse detections, non-200 answers, both bursts' p50/p99, the latency
+the refresh added (expired minus fresh, per percentile) and, next to it, the IdP's own token
+latency as the sidecars measured it.
 """
 
 from __future__ import annotations
@@ -131,7 +140,7 @@ async def wait_ready(session: Any, replica: Replica) -> None:
     raise TimeoutError(f"sidecar not ready: {replica.log.read_text(errors='replace')}")
 
 
-async def login(base: str) -> str:
+async def login(base: str, user: str = "alice") -> str:
     """A full code flow through the sidecar and the dev IdP; the session cookie's value."""
     import aiohttp
 
@@ -146,7 +155,7 @@ async def login(base: str) -> str:
                 location = r.headers["Location"]
             url = location if "://" in location else base + location
             if "/authorize" in url:
-                url += "&login_hint=alice"
+                url += "&login_hint=" + user
         for cookie in jar:
             if cookie.key == COOKIE:
                 return cookie.value
@@ -219,26 +228,19 @@ async def scenario(
 
         async def client(i: int) -> None:
             replica = replicas[i % len(replicas)]
-            headers = {**JSON, "Cookie": f"{COOKIE}={cookie}"}
             while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                try:
-                    async with http.get(replica.base + "/api", headers=headers) as r:
-                        await r.read()
-                        status = r.status
-                except aiohttp.ClientError:
-                    status = 0
-                latencies.append(time.perf_counter() - started)
+                status, seconds = await get(http, replica, cookie)
+                latencies.append(seconds)
                 statuses[status] = statuses.get(status, 0) + 1
 
         wall = time.monotonic()
         await asyncio.gather(*(client(i) for i in range(args.clients)))
         wall = time.monotonic() - wall
         after = idp.stats()
-        per_replica = []
-        for replica in replicas:
-            async with http.get(replica.management + "/metrics") as r:
-                per_replica.append(scrape(await r.text()))
+        per_replica = [await metrics(http, r) for r in replicas]
+        report_storm(replicas, args, wall, latencies, statuses, before, after, per_replica)
+        rows = [await burst(http, idp, replicas, k, args) for k in args.sessions]
+        report_bursts(len(replicas), rows)
     finally:
         await http.close()
         for replica in replicas:
@@ -254,6 +256,38 @@ async def scenario(
             await client_.delete(*keys)
         await client_.aclose()
 
+
+async def get(http: Any, replica: Replica, cookie: str) -> tuple[int, float]:
+    """One API call with a session cookie: (status, 0 without an answer; seconds)."""
+    import aiohttp
+
+    started = time.perf_counter()
+    try:
+        async with http.get(
+            replica.base + "/api", headers={**JSON, "Cookie": f"{COOKIE}={cookie}"}
+        ) as r:
+            await r.read()
+            status = r.status
+    except aiohttp.ClientError:
+        status = 0
+    return status, time.perf_counter() - started
+
+
+async def metrics(http: Any, replica: Replica) -> dict[str, float]:
+    async with http.get(replica.management + "/metrics") as r:
+        return scrape(await r.text())
+
+
+def report_storm(
+    replicas: list[Replica],
+    args: argparse.Namespace,
+    wall: float,
+    latencies: list[float],
+    statuses: dict[int, int],
+    before: Any,
+    after: Any,
+    per_replica: list[dict[str, float]],
+) -> None:
     n = len(latencies)
     non_200 = n - statuses.get(200, 0)
     rotations = sum(m.get("sidecar_refresh_total{outcome=refreshed}", 0) for m in per_replica)
@@ -302,6 +336,86 @@ async def scenario(
         )
 
 
+# --- bursts at expired sessions -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BurstRow:
+    sessions: int
+    requests: int
+    non_200: int
+    grants: int
+    reuse: int
+    fresh: list[float]  # latencies, s
+    expired: list[float]
+    idp_token: float | None  # mean token-request latency the sidecars measured, s
+
+
+async def fire(
+    http: Any, replicas: list[Replica], cookies: list[str], n: int
+) -> list[tuple[int, float]]:
+    """`n` requests at once, request i on session i mod K and replica i mod N."""
+    calls = (get(http, replicas[i % len(replicas)], cookies[i % len(cookies)]) for i in range(n))
+    return list(await asyncio.gather(*calls))
+
+
+def idp_token_mean(m0: list[dict[str, float]], m1: list[dict[str, float]]) -> float | None:
+    """Mean IdP token-request latency the replicas measured between two scrapes."""
+    name = "sidecar_idp_token_request_duration_seconds"
+    pairs = list(zip(m0, m1, strict=True))
+    count = sum(b.get(name + "_count", 0) - a.get(name + "_count", 0) for a, b in pairs)
+    total = sum(b.get(name + "_sum", 0) - a.get(name + "_sum", 0) for a, b in pairs)
+    return total / count if count else None
+
+
+async def burst(
+    http: Any, idp: bench.ThreadedIdP, replicas: list[Replica], k: int, args: argparse.Namespace
+) -> BurstRow:
+    """K new sessions; a burst while their tokens are fresh, then one after they all expired."""
+    users = ("alice", "bob", "carol")
+    cookies = list(
+        await asyncio.gather(
+            *(login(replicas[i % len(replicas)].base, users[i % 3]) for i in range(k))
+        )
+    )
+    logged_in = time.monotonic()
+    await fire(http, replicas, cookies, args.burst)  # warm-up: opens the client's connections
+    fresh = await fire(http, replicas, cookies, args.burst)
+    # Every token expired: the IdP's exp is a whole second, hence the extra second.
+    await asyncio.sleep(max(0.0, logged_in + args.ttl + 1.0 - time.monotonic()))
+    before, m0 = idp.stats(), [await metrics(http, r) for r in replicas]
+    expired = await fire(http, replicas, cookies, args.burst)
+    after, m1 = idp.stats(), [await metrics(http, r) for r in replicas]
+    answers = fresh + expired
+    return BurstRow(
+        sessions=k,
+        requests=args.burst,
+        non_200=sum(1 for status, _ in answers if status != 200),
+        grants=after.refresh_grants - before.refresh_grants,
+        reuse=after.reuse_detected - before.reuse_detected,
+        fresh=[t for _, t in fresh],
+        expired=[t for _, t in expired],
+        idp_token=idp_token_mean(m0, m1),
+    )
+
+
+def report_bursts(replicas: int, rows: list[BurstRow]) -> None:
+    print(
+        f"\nbursts at expired sessions, {replicas} replica(s):\n\n"
+        "| sessions | requests | non-200 | IdP refresh grants | reuse | fresh p50 / p99 ms "
+        "| expired p50 / p99 ms | added by refresh p50 / p99 ms | IdP token ms (mean) |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for row in rows:
+        f50, f99 = percentile(row.fresh, 0.5), percentile(row.fresh, 0.99)
+        e50, e99 = percentile(row.expired, 0.5), percentile(row.expired, 0.99)
+        print(
+            f"| {row.sessions} | {row.requests} | {row.non_200} | {row.grants} | {row.reuse} "
+            f"| {ms(f50)} / {ms(f99)} | {ms(e50)} / {ms(e99)} "
+            f"| {ms(e50 - f50)} / {ms(e99 - f99)} | {ms(row.idp_token)} |"
+        )
+
+
 async def run(args: argparse.Namespace, idp: bench.ThreadedIdP, upstream: str, ports: Any) -> None:
     print(
         f"refresh storm: access_token_ttl {args.ttl:g} s, refresh.before_expiry 1 s, "
@@ -323,8 +437,11 @@ def main() -> int:
     parser.add_argument("--replicas", default="1,3", help="replica counts to run, in order")
     parser.add_argument("--ttl", type=float, default=3, help="access token lifetime, seconds")
     parser.add_argument("--token-delay", type=float, default=0.0, help="IdP /token delay, s")
+    parser.add_argument("--burst", type=int, default=300, help="requests per burst")
+    parser.add_argument("--sessions", default="1,30", help="sessions per burst, in order")
     args = parser.parse_args()
     args.counts = [int(c) for c in args.replicas.split(",")]
+    args.sessions = [int(k) for k in args.sessions.split(",")]
     ports = {c: [free_port() for _ in range(c)] for c in args.counts}
     bases = [f"http://{HOST}:{p}" for ps in ports.values() for p in ps]
     idp = bench.ThreadedIdP(
