@@ -161,7 +161,7 @@ async def upstream_app() -> AsyncIterator[Callable[[web.Application], Any]]:
         await server.close()
 
 
-def _console_script() -> str:
+def console_script() -> str:
     """`auth-sidecar`, the command the package installs next to this interpreter."""
     script = Path(sys.executable).with_name("auth-sidecar")
     if not script.exists():
@@ -180,7 +180,7 @@ class SidecarProcess:
         self.log_path = tmp_path / f"sidecar-{config['server']['listen'].rsplit(':', 1)[1]}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [_console_script(), "run", "--config", str(self.path)],
+            [console_script(), "run", "--config", str(self.path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
