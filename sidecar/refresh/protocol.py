@@ -46,6 +46,8 @@ _MAX_ROUNDS: Final = 3  # lock attempts per refresh before giving up with 503
 _POLL_INTERVAL: Final = 0.25  # seconds between a waiter's record re-reads (its real guarantee)
 _WATCHDOG_MARGIN: Final = 5.0  # the lock may outlive the IdP timeout by this much, no more
 _BACKOFF_BASE, _BACKOFF_MAX = 1.0, 60.0  # seconds; after transient failures, with jitter
+_SAVE_RETRY: Final = 0.1  # seconds between writes of a new token set while Redis is away
+_LEASE_MARGIN: Final = 0.25  # seconds: stop writing this long before our lock may expire
 # A token this close to expiry is not forwarded: it would expire in transit or at the
 # upstream's own check (and our clock may be a little behind the IdP's). Seconds, at most a
 # tenth of the token's lifetime.
@@ -64,6 +66,17 @@ class _Flight:
     def mark_sent(self) -> None:
         if not self.sent.done():
             self.sent.set_result(time.monotonic())
+
+
+@dataclass(eq=False)
+class _Lease:
+    """Our hold on a session's refresh lock, and until when it surely lasts (monotonic).
+
+    Counted from before the command that set or extended it, so it never overestimates.
+    """
+
+    owner: str
+    valid_until: float
 
 
 def refresh_window(record: SessionRecord, before_expiry: float) -> float:
@@ -214,9 +227,11 @@ class Refresher:
         deadline = time.monotonic() + self._config.wait_timeout
         current = session
         for _ in range(_MAX_ROUNDS):
+            asked = time.monotonic()
             owner = await self._locks.acquire(current.h, self._config.lock_ttl)
             if owner is not None:
-                return await self._refresh_holding(current, owner)
+                lease = _Lease(owner, asked + self._config.lock_ttl)
+                return await self._refresh_holding(current, lease)
             # Step 3: another process holds the lock. Wait for its outcome.
             self._metrics.lock_contention.inc()
             waited = time.perf_counter()
@@ -254,7 +269,7 @@ class Refresher:
                     await asyncio.wait_for(woken.wait(), _POLL_INTERVAL)
         return session
 
-    async def _refresh_holding(self, session: Session, owner: str) -> tuple[Session, str]:
+    async def _refresh_holding(self, session: Session, lease: _Lease) -> tuple[Session, str]:
         h = session.h
         try:
             # Step 4: re-read under the lock; another replica may have refreshed already.
@@ -266,18 +281,22 @@ class Refresher:
                 return latest, "already_fresh"
             if decision is False:
                 self._unavailable(latest.record)
-            return await self._grant(latest, owner)
+            return await self._grant(latest, lease)
         finally:
-            await self._locks.release(h, owner)
+            try:
+                await self._locks.release(h, lease.owner)
+            except StoreUnavailable:
+                # The lock expires by itself; the outcome stands (the record has the last word).
+                log.warning("refresh lock not released", extra={"session": h[:12]})
 
-    async def _grant(self, session: Session, owner: str) -> tuple[Session, str]:
+    async def _grant(self, session: Session, lease: _Lease) -> tuple[Session, str]:
         record = session.record
         assert record.refresh_token is not None  # _usable returned None only with one
         interrupted = await self._sessions.store.attempt_mark(session.h)
         requested_at = self._clock()
         await self._sessions.store.mark_attempt(session.h, requested_at)
         done = asyncio.Event()
-        watchdog = asyncio.create_task(self._keep_lock(session.h, owner, done))
+        watchdog = asyncio.create_task(self._keep_lock(session.h, lease, done))
         started = time.perf_counter()
         flight = self._inflight.get(session.h)
         if flight is not None:
@@ -318,7 +337,7 @@ class Refresher:
             await asyncio.wait({watchdog}, timeout=1.0)
 
         updated = self._refreshed_record(record, tokens, claims, requested_at)
-        if not await self._sessions.save(session, updated):
+        if not await self._save_rotated(session, updated, lease):
             latest = await self._sessions.load(session.id)
             if latest is None:
                 # Deleted meanwhile (logout): never resurrect it.
@@ -334,7 +353,39 @@ class Refresher:
         late = elapsed > self._config.idp_timeout
         return session.with_record(updated), "refreshed_late" if late else "refreshed"
 
-    async def _keep_lock(self, h: str, owner: str, done: asyncio.Event) -> None:
+    async def _save_rotated(self, session: Session, updated: SessionRecord, lease: _Lease) -> bool:
+        """The fenced write of a rotated token set, tried again through a Redis outage.
+
+        The IdP has rotated: giving up loses the new refresh token, and the session with it
+        (DESIGN §5's hole). While our lock surely holds nobody else can present the old
+        refresh token, so a write that failed for want of Redis is retried until then.
+        """
+        retried = False
+        while True:
+            try:
+                if await self._sessions.save(session, updated):
+                    return True
+                # A failed attempt may have landed without its reply reaching us.
+                return retried and await self._stored_is(session, updated)
+            except StoreUnavailable:
+                if time.monotonic() + _SAVE_RETRY >= lease.valid_until - _LEASE_MARGIN:
+                    log.error(
+                        "rotated tokens not stored: Redis unavailable until the lock expired",
+                        extra={"session": session.h[:12]},
+                    )
+                    raise
+                retried = True
+                await asyncio.sleep(_SAVE_RETRY)
+
+    async def _stored_is(self, session: Session, record: SessionRecord) -> bool:
+        latest = await self._sessions.load(session.id)
+        return (
+            latest is not None
+            and latest.record.version == record.version
+            and latest.record.access_token == record.access_token
+        )
+
+    async def _keep_lock(self, h: str, lease: _Lease, done: asyncio.Event) -> None:
         """Extend the lock while the grant runs, up to `late_answer_timeout` plus a margin.
 
         No other replica may send a grant while ours may still be answered late.
@@ -347,10 +398,13 @@ class Refresher:
             remaining = limit - time.monotonic()
             if done.is_set() or remaining <= 0:
                 return
+            asked, extension = time.monotonic(), min(ttl, remaining + 1)
             try:
-                if not await self._locks.extend(h, owner, min(ttl, remaining + 1)):
+                if not await self._locks.extend(h, lease.owner, extension):
                     log.error("refresh lock lost during a grant", extra={"session": h[:12]})
+                    lease.valid_until = 0.0
                     return
+                lease.valid_until = asked + extension
             except StoreUnavailable:
                 # A blip: try again next tick; the lock still has up to lock_ttl to run.
                 log.warning("refresh lock not extended", extra={"session": h[:12]})

@@ -352,9 +352,15 @@ async def test_idp_slower_than_lock_ttl(
 # --- 3. Redis restarted during a refresh ------------------------------------------------------
 
 
-RESTART_REFRESH = {**REFRESH, "idp_timeout": "3s"}
-RESTART_DELAY = 2.0  # the IdP's answer; Redis is down from 0.3 s to about 0.9 s of it
 KILL_AT = 0.3  # seconds into the grant: the IdP has rotated, its answer is on its way
+LOST_REFRESH = {
+    "before_expiry": "3s",
+    "idp_timeout": "1.5s",
+    "lock_ttl": "3s",
+    "wait_timeout": "3s",
+}
+KEPT_REFRESH = {**LOST_REFRESH, "lock_ttl": "6s"}
+RESTART_REFRESH = {**REFRESH, "idp_timeout": "3s"}
 
 
 def persistent_replicas(
@@ -378,13 +384,76 @@ def persistent_replicas(
 async def during_outage(
     storm: Storm, http: aiohttp.ClientSession, targets: list[Target], seconds: float
 ) -> list[Result]:
-    """Waves of calls on every replica for `seconds`, while Redis is down."""
+    """Waves of calls on `targets` for about `seconds`, while Redis is down."""
     results: list[Result] = []
     until = storm.now() + seconds
     while storm.now() < until:
         results += await burst(storm, http, targets, 5)
         await asyncio.sleep(0.05)
     return results
+
+
+async def redis_outage_in_a_grant(
+    idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_fleet: Fleet,
+    refresh: dict[str, str],
+    answer_at: float,
+    back_at: float,
+) -> dict[str, Any]:
+    """A refresh on replica 0 whose grant the IdP answers `answer_at` s after it left;
+    Redis is killed 0.3 s into it and restarted `back_at` s into it (the session, lock and
+    attempt mark survive in its append-only file). Replica 1 is called during the outage:
+    its calls need Redis and never join replica 0's grant, so they end at once and the
+    restart keeps to its time. Returns what each call got, with the IdP's and the
+    replicas' counters."""
+    server, replicas = persistent_replicas(idp, upstream, sidecar_process, redis_fleet, refresh)
+    cookie = await login(replicas[0].base, "alice")
+    issued = time.monotonic()
+    targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate(replicas)]
+    storm = new_storm(targets)
+    async with client(total=10.0) as http:
+        first = await storm._one(http, targets[1])
+        assert first.status == 200 and first.ok
+        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
+        set_delay(idp, answer_at)
+        s0 = idp_stats(idp)
+        sent = time.monotonic()
+        holder = asyncio.create_task(storm._one(http, targets[0]))
+        await asyncio.sleep(KILL_AT)
+        server.kill()
+        outage = await during_outage(storm, http, targets[1:], back_at - KILL_AT - 0.3)
+        await asyncio.sleep(max(0.0, sent + back_at - time.monotonic()))
+        await asyncio.to_thread(redis_fleet.restart, server)
+        back = time.monotonic() - sent
+        set_delay(idp, 0.0)
+        held = await holder
+        later = await burst(storm, http, targets, 10)
+        s1 = idp_stats(idp)
+    metrics = [await refresh_metrics(p.management) for p in replicas]
+    run = {
+        "first": first,
+        "held": held,
+        "later": later,
+        "back": back,
+        "slowest": max(r.ended - r.started for r in [*outage, held, *later]),
+        "token_requests": delta(s1, s0, "token_requests"),
+        "grants": delta(s1, s0, "refresh_grants"),
+        "reuse": delta(s1, s0, "reuse_detected"),
+        "code_exchanges": delta(s1, s0, "code_exchanges"),
+        "metrics": metrics,
+    }
+    print(
+        f"[redis down {KILL_AT}-{back:.2f}s into a grant answered at {answer_at}s] outage "
+        f"{dict(statuses(outage))}; holder {held.status}; after the restart "
+        f"{dict(statuses(later))}; slowest request {run['slowest']:.2f}s; token_requests "
+        f"+{run['token_requests']} grants +{run['grants']} reuse +{run['reuse']}; "
+        f"refreshed={outcomes(metrics, 'refreshed'):g} "
+        f"lost_rotation={outcomes(metrics, 'invalid_grant_lost_rotation'):g}"
+    )
+    assert outage and {r.status for r in outage} == {503}, statuses(outage)
+    return run
 
 
 async def test_redis_restarted_during_refresh(
@@ -395,115 +464,70 @@ async def test_redis_restarted_during_refresh(
 ) -> None:
     """Redis killed mid-grant and back before the answer: 503 meanwhile, then the new token.
 
-    The session, the lock and the attempt mark survive in the append-only file; the holder's
-    fenced write lands on the restarted server, so nobody logs in again and the IdP sees
-    neither a second grant nor a reused refresh token.
+    The holder's fenced write lands on the restarted server, so nobody logs in again and the
+    IdP sees neither a second grant nor a reused refresh token.
     """
-    idp = faulty_idp
-    server, replicas = persistent_replicas(
-        idp, upstream, sidecar_process, redis_fleet, RESTART_REFRESH
+    run = await redis_outage_in_a_grant(
+        faulty_idp, upstream, sidecar_process, redis_fleet, RESTART_REFRESH, 2.0, 0.9
     )
-    cookie = await login(replicas[0].base, "alice")
-    issued = time.monotonic()
-    targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate(replicas)]
-    storm = new_storm(targets)
-    async with client(total=10.0) as http:
-        first = await storm._one(http, targets[1])
-        assert first.status == 200 and first.ok
-        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
-
-        set_delay(idp, RESTART_DELAY)
-        s0 = idp_stats(idp)
-        holder = asyncio.create_task(storm._one(http, targets[0]))
-        await asyncio.sleep(KILL_AT)
-        server.kill()
-        killed = storm.now()
-        outage = await during_outage(storm, http, targets, 0.5)
-        down_for = storm.now() - killed
-        up_after = await asyncio.to_thread(redis_fleet.restart, server)
-        back = storm.now()
-        held = await holder
-        later = await burst(storm, http, targets, 10)
-        s1 = idp_stats(idp)
-    slowest = max(r.ended - r.started for r in [*outage, held, *later])
-    print(
-        f"[redis restart] outage requests {dict(statuses(outage))} over {down_for:.2f}s, "
-        f"Redis answered {up_after:.2f}s after the restart; holder {held.status} "
-        f"(ended {held.ended - back:.2f}s after Redis was back); afterwards "
-        f"{dict(statuses(later))}; slowest request {slowest:.2f}s; token_requests "
-        f"+{delta(s1, s0, 'token_requests')} grants +{delta(s1, s0, 'refresh_grants')} "
-        f"reuse +{delta(s1, s0, 'reuse_detected')}"
-    )
-    assert outage and {r.status for r in outage} == {503}, statuses(outage)
+    assert run["back"] < 2.0, f"Redis back at {run['back']:.2f}s, after the IdP's answer"
+    held, first = run["held"], run["first"]
     assert held.status == 200 and held.ok and held.token != first.token, held
+    later = run["later"]
     assert all(r.status == 200 and r.ok and r.token == held.token for r in later), statuses(later)
-    assert delta(s1, s0, "token_requests") == 1
-    assert delta(s1, s0, "refresh_grants") == 1
-    assert delta(s1, s0, "reuse_detected") == 0
-    assert delta(s1, s0, "code_exchanges") == 0
-    assert slowest < 5.0 + 1.0, f"a request took {slowest:.2f}s: beyond wait_timeout"
-    metrics = [await refresh_metrics(p.management) for p in replicas]
-    assert outcomes(metrics, "refreshed") == 1
+    assert run["token_requests"] == 1 and run["grants"] == 1 and run["reuse"] == 0
+    assert run["code_exchanges"] == 0
+    assert run["slowest"] < 3.0 + 1.0, f"a request took {run['slowest']:.2f}s: beyond idp_timeout"
+    assert outcomes(run["metrics"], "refreshed") == 1
 
 
-LOST_REFRESH = {
-    "before_expiry": "3s",
-    "idp_timeout": "1.5s",
-    "lock_ttl": "3s",
-    "wait_timeout": "3s",
-}
-LOST_DELAY = 1.0  # the IdP's answer arrives while Redis is still down
-
-
-async def test_redis_down_when_the_grant_answers(
+async def test_redis_down_at_the_answer_back_while_locked(
     faulty_idp: ThreadedIdP,
     upstream: VerifyingUpstream,
     sidecar_process: StartSidecar,
     redis_fleet: Fleet,
 ) -> None:
-    """Redis down from before the IdP's answer until after it: the rotation is lost, cleanly.
+    """Redis down when the IdP answers, back while the holder's lock still holds: the
+    holder keeps the rotated tokens and writes them once Redis is back. Nobody logs in
+    again, and the IdP sees one grant and no reuse."""
+    run = await redis_outage_in_a_grant(
+        faulty_idp, upstream, sidecar_process, redis_fleet, KEPT_REFRESH, 1.0, 1.8
+    )
+    assert run["back"] < 6.0 - 0.25 - 0.3, f"Redis back at {run['back']:.2f}s: too late"
+    later, first = run["later"], run["first"]
+    assert all(r.status == 200 and r.ok for r in later), statuses(later)
+    assert len({r.token for r in later}) == 1 and later[0].token != first.token
+    # The holder's own call waited idp_timeout (1.5 s), then went on with the old token
+    # while it was still valid, or got 503: never the new one before Redis took it.
+    held = run["held"]
+    assert (held.status, held.ok) in {(200, True), (503, False)}, (held.status, held.body)
+    assert run["token_requests"] == 1 and run["grants"] == 1 and run["reuse"] == 0
+    assert outcomes(run["metrics"], "refreshed") == 1
+    assert outcomes(run["metrics"], "invalid_grant_lost_rotation") == 0
 
-    DESIGN §5's one hole: the new refresh token could not be stored. The holder answers 503,
-    and once Redis is back the next attempt (after the orphaned lock's TTL, within
-    wait_timeout) meets reuse detection: 401, a lost rotation in the metrics, no 500, no hang.
+
+async def test_redis_down_at_the_answer_until_the_lock_expired(
+    faulty_idp: ThreadedIdP,
+    upstream: VerifyingUpstream,
+    sidecar_process: StartSidecar,
+    redis_fleet: Fleet,
+) -> None:
+    """Redis down from before the IdP's answer until the holder's lock has expired: the
+    rotation is lost, cleanly.
+
+    DESIGN §5's one hole: the new refresh token could not be stored while the lock held.
+    Once Redis is back the next attempt meets reuse detection: 401, a lost rotation in the
+    metrics, no 500, no hang.
     """
-    idp = faulty_idp
-    server, replicas = persistent_replicas(
-        idp, upstream, sidecar_process, redis_fleet, LOST_REFRESH
+    run = await redis_outage_in_a_grant(
+        faulty_idp, upstream, sidecar_process, redis_fleet, LOST_REFRESH, 1.0, 3.6
     )
-    cookie = await login(replicas[0].base, "alice")
-    issued = time.monotonic()
-    targets = [Target(p.base, cookie, i, "alice") for i, p in enumerate(replicas)]
-    storm = new_storm(targets)
-    async with client(total=10.0) as http:
-        await asyncio.sleep(max(0.0, issued + DUE_AFTER - time.monotonic()))
-        set_delay(idp, LOST_DELAY)
-        s0 = idp_stats(idp)
-        holder = asyncio.create_task(storm._one(http, targets[0]))
-        await asyncio.sleep(KILL_AT)
-        server.kill()
-        outage = await during_outage(storm, http, targets, LOST_DELAY)
-        held = await holder
-        set_delay(idp, 0.0)
-        await asyncio.to_thread(redis_fleet.restart, server)
-        back = storm.now()
-        later = await burst(storm, http, targets, 10)
-        settled = max(r.ended for r in later) - back
-        s1 = idp_stats(idp)
-    slowest = max(r.ended - r.started for r in [*outage, held, *later])
-    metrics = [await refresh_metrics(p.management) for p in replicas]
-    print(
-        f"[redis down at the answer] outage {dict(statuses(outage))}; holder {held.status}; "
-        f"after the restart {dict(statuses(later))} within {settled:.2f}s; slowest request "
-        f"{slowest:.2f}s; token_requests +{delta(s1, s0, 'token_requests')} "
-        f"grants +{delta(s1, s0, 'refresh_grants')} reuse +{delta(s1, s0, 'reuse_detected')}; "
-        f"lost_rotation={outcomes(metrics, 'invalid_grant_lost_rotation'):g}"
-    )
-    assert outage and {r.status for r in outage} == {503}, statuses(outage)
-    assert held.status == 503, (held.status, held.body)
-    assert {r.status for r in later} == {401}, statuses(later)
-    assert delta(s1, s0, "refresh_grants") == 1
-    assert delta(s1, s0, "token_requests") == 2  # the lost grant, then the one that met reuse
-    assert delta(s1, s0, "reuse_detected") == 1
-    assert outcomes(metrics, "invalid_grant_lost_rotation") == 1
-    assert slowest < 3.0 + 1.5 + 1.0, f"a request took {slowest:.2f}s: beyond wait_timeout"
+    held = run["held"]
+    assert (held.status, held.ok) in {(200, True), (503, False)}, (held.status, held.body)
+    assert {r.status for r in run["later"]} == {401}, statuses(run["later"])
+    assert run["grants"] == 1
+    assert run["token_requests"] == 2  # the lost grant, then the one that met reuse
+    assert run["reuse"] == 1
+    assert outcomes(run["metrics"], "invalid_grant_lost_rotation") == 1
+    assert run["back"] > 3.0, f"Redis back at {run['back']:.2f}s, before the lock expired"
+    assert run["slowest"] < 3.6 + 3.0, f"a request took {run['slowest']:.2f}s"
