@@ -108,21 +108,26 @@ async def test_demo_logs_in_and_refreshes_without_logout(demo: tuple[int, Path])
         await wait_ready(http, port, out)
         cookie = await log_in(base, "alice")
         headers = {"Accept": "application/json", "Cookie": f"{COOKIE}={cookie}"}
-        lefts: list[float] = []
+        lefts: list[float] = []  # seconds the forwarded token had left, per call
+        times: list[float] = []
         deadline = time.monotonic() + 35.0
         while time.monotonic() < deadline:
+            times.append(time.monotonic())
             async with http.get(base + "/api/whoami", headers=headers) as r:
                 assert r.status == 200, (r.status, await r.text())
                 who = await r.json()
             assert who["user"] == "alice", who
             lefts.append(float(who["token_seconds_left"]))
             if len(lefts) > 1 and lefts[-1] > lefts[-2] + 5:
-                break  # a new token: the old one had less than 10 s left
+                break  # a new token
             await asyncio.sleep(1.0)
         async with http.get(f"http://127.0.0.1:{port + 3}/metrics") as r:
             metrics = await r.text()
     assert len(lefts) > 1 and lefts[-1] > lefts[-2] + 5, f"never refreshed: {lefts}"
-    assert lefts[-2] <= 10.5, lefts  # refreshed inside the 10 s window, not before
+    # The old token had entered its 10 s refresh window by the call that replaced it, and
+    # had not expired (0.1 s rounding; the sidecar counts from its request, a little earlier).
+    old_left = lefts[-2] - (times[-1] - times[-2])
+    assert 0 < old_left <= 10.3, (old_left, lefts)
     assert lefts[0] > 20, lefts  # the first token was the login's
     assert 'sidecar_refresh_total{outcome="refreshed"} 1.0' in metrics
     log = output(out)
