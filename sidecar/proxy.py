@@ -164,6 +164,11 @@ class Upstream:
                     return response
             await response.write_eof()
             return response
+        except ConnectionResetError:
+            # The client hung up before or during the answer (the peer's reset may be seen
+            # before its connection_lost cancels us): routine, nobody to tell. Not an error.
+            log.debug("client went away during the response", extra={"route": self.prefix})
+            return response
         finally:
             upstream.release()
 

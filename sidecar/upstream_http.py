@@ -345,7 +345,7 @@ class _Connection(asyncio.Protocol):
         if self._error is None:
             self._error = exc
         if self._head is not None and not self._head.done():
-            self._head.set_exception(exc)
+            _settle(self._head, exc)
         self._wake()
 
     def _wake(self) -> None:
@@ -358,7 +358,14 @@ class _Connection(asyncio.Protocol):
             if exc is None:
                 drain.set_result(None)
             else:
-                drain.set_exception(exc)
+                _settle(drain, exc)
+
+
+def _settle(future: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail `future`, marked as seen: its awaiter may be gone (the client left), and the
+    error is kept in the connection's state for whoever asks next."""
+    future.set_exception(exc)
+    future.exception()  # no "Future exception was never retrieved" when nobody awaits
 
 
 class ConnectionPool:
