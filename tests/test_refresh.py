@@ -299,8 +299,13 @@ async def test_burst_on_due_session_reads_store_once(
 
     The IdP answers after 0.5 s so every request arrives while the flight runs."""
     sc = await rig.sidecar(store_kind)
+    for _ in range(200):  # the cache serves sessions once the store's change feed is live
+        if metric(sc, "sidecar_session_cache_live") == 1:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the session cache never went live")
     cookie = await rig.login(sc)
-    await rig.token(sc, cookie)  # the session is now in this process's cache
     await until_due(sc, cookie)
     store = sessions(sc).store
     reads = 0
@@ -312,6 +317,14 @@ async def test_burst_on_due_session_reads_store_once(
         return await real_get(h)
 
     monkeypatch.setattr(store, "get", counting_get)
+    for _ in range(50):  # until a request's lookup is served from this process's cache
+        await sessions(sc).load(cookie)
+        reads = 0
+        if await sessions(sc).current(cookie) is not None and reads == 0:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the session never stayed in the cache")
     set_idp(rig.tidp, token_endpoint_delay=0.5)
     before = stats(rig.tidp)
 
