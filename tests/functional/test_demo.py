@@ -94,7 +94,7 @@ async def log_in(base: str, user: str) -> str:
                 url += "&login_hint=" + user
         async with s.get(url, headers=NAVIGATE, allow_redirects=False) as r:
             assert r.status == 200, (url, r.status)
-            assert "alice" in await r.text()
+            assert user in await r.text()
         return next(c.value for c in jar if c.key == COOKIE)
 
 
