@@ -258,3 +258,83 @@ async def test_silent_feed_turns_the_cache_off(following, own_redis: RedisProces
         assert changes == [True, False, True]
     finally:
         await store.close()
+
+
+# --- requests that miss the cache together share one read ----------------------------------
+
+
+class Gated(Counting):
+    """Counts reads and holds each one until `open` is set, so reads overlap on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+
+    async def get(self, h: str) -> tuple[int, bytes] | None:
+        self.reads += 1
+        await self.open.wait()
+        return await MemorySessionStore.get(self, h)
+
+
+async def test_concurrent_misses_share_one_read() -> None:
+    """50 requests on a session nobody has in memory: one store read, all get the session."""
+    store = Gated()
+    manager = SessionManager(store, _keyring(), config())
+    session = await manager.create(record())
+    waiting = [asyncio.create_task(manager.current(session.id)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    store.open.set()
+    found = await asyncio.gather(*waiting)
+    assert store.reads == 1
+    assert {s.h for s in found if s is not None} == {session.h} and None not in found
+    assert not manager._reading, "a finished read is forgotten"
+
+
+async def test_a_read_begun_before_a_change_is_not_joined() -> None:
+    """A request that arrives after a change was announced must not get the older record."""
+    store = Gated()
+    manager = SessionManager(store, _keyring(), config())
+    session = await manager.create(record())
+    early = asyncio.create_task(manager.current(session.id))
+    await asyncio.sleep(0.01)
+    manager._changed(session.h)  # the feed: another replica rewrote the record
+    late = asyncio.create_task(manager.current(session.id))
+    await asyncio.sleep(0.01)
+    assert store.reads == 2, "the request after the change started its own read"
+    store.open.set()
+    await asyncio.gather(early, late)
+
+
+async def test_a_caller_going_away_does_not_cancel_the_shared_read() -> None:
+    store = Gated()
+    manager = SessionManager(store, _keyring(), config())
+    session = await manager.create(record())
+    leaver = asyncio.create_task(manager.current(session.id))
+    stayer = asyncio.create_task(manager.current(session.id))
+    await asyncio.sleep(0.01)
+    leaver.cancel()  # its client hung up
+    await asyncio.sleep(0.01)
+    store.open.set()
+    assert (await stayer) is not None
+    assert leaver.cancelled() and store.reads == 1
+
+
+async def test_concurrent_misses_share_one_redis_read(redis_prefix: str) -> None:
+    """The same on real Redis: a burst on an uncached session costs one GET, not one each."""
+
+    class CountingRedis(RedisSessionStore):
+        reads = 0
+
+        async def get(self, h: str) -> tuple[int, bytes] | None:
+            CountingRedis.reads += 1
+            return await super().get(h)
+
+    store = CountingRedis.from_url(REDIS_URL, redis_prefix)
+    try:
+        manager = SessionManager(store, _keyring(), config())
+        session = await manager.create(record())
+        found = await asyncio.gather(*(manager.current(session.id) for _ in range(100)))
+        assert None not in found
+        assert CountingRedis.reads == 1
+    finally:
+        await store.close()
