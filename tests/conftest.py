@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,52 +89,62 @@ def make_config(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> Co
     return Config.model_validate(config_dict(upstream_url, **sections))
 
 
-SidecarFactory = Callable[[Config], "TestServerPair"]
+class Sidecar:
+    """The in-process sidecar, run by an `AppRunner` with exactly production's runner options.
 
-
-class TestServerPair:
-    """The sidecar's main and management listeners, started in this event loop."""
+    Not aiohttp's `TestServer`: it forces `handler_cancellation=True`, so a test through it
+    would pass even if production stopped cancelling the handlers of departed clients.
+    """
 
     __test__ = False
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        main, management = build_apps(config)
-        self.main = TestServer(main, host="127.0.0.1")
-        self.management = TestServer(management, host="127.0.0.1")
+        self.app, management = build_apps(config)
+        self._main = web.AppRunner(self.app, handle_signals=False, **main_runner_options(config))
+        self._management = web.AppRunner(management, handle_signals=False, access_log=None)
+        self._base = self._management_base = ""
 
     async def start(self) -> None:
-        # TestServer always sets handler_cancellation=True itself; pass the rest.
-        options = main_runner_options(self.config)
-        options.pop("handler_cancellation")
-        await self.main.start_server(**options)
-        await self.management.start_server()
+        self._base = await _start_on_free_port(self._main)
+        self._management_base = await _start_on_free_port(self._management)
 
     async def close(self) -> None:
-        await self.main.close()
-        await self.management.close()
+        await self._main.cleanup()
+        await self._management.cleanup()
 
     def url(self, path: str) -> str:
-        return str(self.main.make_url(path))
+        return self._base + path
 
     def management_url(self, path: str) -> str:
-        return str(self.management.make_url(path))
+        return self._management_base + path
+
+
+async def _start_on_free_port(runner: web.AppRunner) -> str:
+    """Bind port 0 directly: the kernel's pick is ours at once, nothing can take it first."""
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.Server)
+    port = server.sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
-async def start_sidecar() -> AsyncIterator[Callable[[Config], Any]]:
+async def start_sidecar() -> AsyncIterator[Callable[[Config], Awaitable[Sidecar]]]:
     """`await start_sidecar(config)` runs the sidecar in-process; closed after the test."""
-    started: list[TestServerPair] = []
+    started: list[Sidecar] = []
 
-    async def start(config: Config) -> TestServerPair:
-        pair = TestServerPair(config)
-        await pair.start()
-        started.append(pair)
-        return pair
+    async def start(config: Config) -> Sidecar:
+        sidecar = Sidecar(config)
+        await sidecar.start()
+        started.append(sidecar)
+        return sidecar
 
     yield start
-    for pair in reversed(started):
-        await pair.close()
+    for sidecar in reversed(started):
+        await sidecar.close()
 
 
 @pytest.fixture
@@ -146,13 +157,17 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def upstream_app() -> AsyncIterator[Callable[[web.Application], Any]]:
-    """`await upstream_app(app)` serves a real aiohttp upstream; returns its base URL."""
+async def upstream_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """`await upstream_app(app, **runner_options)` serves a real aiohttp upstream; its URL.
+
+    Runner options (such as `auto_decompress=False`) go to `start_server`, where aiohttp
+    reads them; `TestServer(...)` would drop them without a word.
+    """
     servers: list[TestServer] = []
 
-    async def serve(app: web.Application, **kwargs: Any) -> str:
-        server = TestServer(app, host="127.0.0.1", **kwargs)
-        await server.start_server()
+    async def serve(app: web.Application, **options: Any) -> str:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server(**options)
         servers.append(server)
         return str(server.make_url("")).rstrip("/")
 

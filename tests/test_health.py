@@ -9,26 +9,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.config import Config
 from sidecar.health import READINESS, Readiness
-from tests.conftest import TEST_KEY, free_port
-from tests.conftest import make_config as _make_config
-
-
-def make_config(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> Config:
-    """The shared test config, with every path public (no login) and sessions in memory."""
-    sections.setdefault("public_paths", ["/"])
-    sections.setdefault(
-        "session",
-        {
-            "store": "memory",
-            "cookie_name": "sidecar",
-            "cookie_secure": False,
-            "encryption_keys": [TEST_KEY],
-        },
-    )
-    return _make_config(upstream_url, **sections)
-
+from tests.conftest import TEST_KEY, free_port, make_config
 
 # --- Readiness -------------------------------------------------------------------------------
 
@@ -152,7 +134,7 @@ async def test_management_paths_not_on_main_listener(
 async def test_readyz_follows_dependencies(start_sidecar: Any, http: aiohttp.ClientSession) -> None:
     """/readyz: 503 before a dependency answered, 200 after, 200 on a later non-strict outage."""
     sidecar = await start_sidecar(make_config())
-    readiness = sidecar.main.app[READINESS]
+    readiness = sidecar.app[READINESS]
     url = sidecar.management_url("/readyz")
     await wait_ready(http, url)
 
@@ -181,7 +163,7 @@ async def test_readyz_strict_dependency(start_sidecar: Any, http: aiohttp.Client
         management={"listen": f"127.0.0.1:{free_port()}", "readiness_requires": ["redis"]}
     )
     sidecar = await start_sidecar(config)
-    readiness = sidecar.main.app[READINESS]
+    readiness = sidecar.app[READINESS]
     url = sidecar.management_url("/readyz")
     await wait_ready(http, url)
     # The sessions are in memory, so "redis" is ours to report; "test-idp" is not strict.
@@ -204,7 +186,7 @@ async def test_readyz_draining(start_sidecar: Any, http: aiohttp.ClientSession) 
     """/readyz answers 503 with draining: true once draining starts; /healthz stays 200."""
     sidecar = await start_sidecar(make_config())
     await wait_ready(http, sidecar.management_url("/readyz"))
-    sidecar.main.app[READINESS].draining = True
+    sidecar.app[READINESS].draining = True
     status, body = await get_json(http, sidecar.management_url("/readyz"))
     assert status == 503
     assert body["draining"] is True

@@ -21,24 +21,7 @@ from sidecar.app import build_apps
 from sidecar.config import Config
 from sidecar.logging import JSONFormatter, configure_logging
 from sidecar.server import main_runner_options
-from tests.conftest import TEST_KEY, free_port
-from tests.conftest import make_config as _make_config
-
-
-def make_config(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> Config:
-    """The shared test config, with every path public (no login) and sessions in memory."""
-    sections.setdefault("public_paths", ["/"])
-    sections.setdefault(
-        "session",
-        {
-            "store": "memory",
-            "cookie_name": "sidecar",
-            "cookie_secure": False,
-            "encryption_keys": [TEST_KEY],
-        },
-    )
-    return _make_config(upstream_url, **sections)
-
+from tests.conftest import free_port, make_config
 
 SECRETS = {
     "bearer": "BEARERTOKENVALUE123",

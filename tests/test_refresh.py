@@ -189,7 +189,7 @@ async def rig(
 
 
 def sessions(sc: Any) -> SessionManager:
-    return sc.main.app[SESSIONS]  # type: ignore[no-any-return]
+    return sc.app[SESSIONS]  # type: ignore[no-any-return]
 
 
 async def record(sc: Any, cookie: str) -> SessionRecord:
@@ -204,7 +204,7 @@ async def stored(sc: Any, cookie: str) -> bool:
 
 
 def metric(sc: Any, name: str, **labels: str) -> float:
-    value = sc.main.app[METRICS].registry.get_sample_value(name, labels)
+    value = sc.app[METRICS].registry.get_sample_value(name, labels)
     return float(value or 0.0)
 
 
@@ -674,7 +674,7 @@ async def test_refresh_with_other_subject_id_token_ends_session(
         calls.append(refresh_token)
         return TokenResponse("swapped", 60.0, "rotated", None, bob_id_token, None)
 
-    monkeypatch.setattr(sc.main.app[OIDC], "refresh", refresh)
+    monkeypatch.setattr(sc.app[OIDC], "refresh", refresh)
     await until_due(sc, alice)
 
     status, body, _ = await rig.get(sc, alice)
@@ -753,7 +753,7 @@ async def test_watchdog_error_does_not_discard_grant(
     sc = await rig.sidecar(store_kind, idp_timeout="2s", lock_ttl="3s", wait_timeout="2s")
     cookie = await rig.login(sc)
     rec = await record(sc, cookie)
-    locks = sc.main.app[REFRESHER]._locks
+    locks = sc.app[REFRESHER]._locks
     blips: list[str] = []
 
     async def extend(h: str, owner: str, ttl: float) -> bool:

@@ -4,13 +4,6 @@ The refresh and Redis topology modules share `idp` (a dev IdP of the module only
 the module's `ACCESS_TTL`-second access tokens), `upstream` (the verifying upstream of
 `test_refresh_storm`) and `redis_fleet` (own `redis-server` processes, stopped at the test's
 end).
-
-Two fixtures of `tests/conftest.py` are overridden here. `start_sidecar` runs the main
-listener with an `AppRunner` given exactly `main_runner_options(config)`, as `server.serve`
-does: `TestServer` always forces `handler_cancellation=True`, so a cancellation test through
-it would pass even if production stopped cancelling the handlers of departed clients.
-`upstream_app` passes runner options (such as `auto_decompress=False`) to `start_server`,
-where aiohttp reads them; `TestServer(...)` silently drops keyword arguments.
 """
 
 from __future__ import annotations
@@ -20,93 +13,13 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from sidecar.app import build_apps
-from sidecar.config import Config
-from sidecar.server import main_runner_options
 from tests.conftest import free_port
 from tests.functional.redis_topologies import Fleet, fleet
 from tests.functional.test_refresh_storm import VerifyingUpstream
 from tests.idp import ThreadedIdP
-
-
-class Sidecar:
-    """The in-process sidecar, run by an `AppRunner` with exactly production's runner options.
-
-    `TestServer` cannot do this: it forces `handler_cancellation=True`, so a test through it
-    would pass even if production stopped cancelling the handlers of departed clients.
-    """
-
-    __test__ = False
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        main, management = build_apps(config)
-        self._main = web.AppRunner(main, handle_signals=False, **main_runner_options(config))
-        self._management = web.AppRunner(management, handle_signals=False, access_log=None)
-        self._base = self._management_base = ""
-
-    async def start(self) -> None:
-        self._base = await _start_on_free_port(self._main)
-        self._management_base = await _start_on_free_port(self._management)
-
-    async def close(self) -> None:
-        await self._main.cleanup()
-        await self._management.cleanup()
-
-    def url(self, path: str) -> str:
-        return self._base + path
-
-    def management_url(self, path: str) -> str:
-        return self._management_base + path
-
-
-async def _start_on_free_port(runner: web.AppRunner) -> str:
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.Server)
-    port = server.sockets[0].getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-async def start_sidecar() -> AsyncIterator[Callable[[Config], Awaitable[Sidecar]]]:
-    """`await start_sidecar(config)` runs the sidecar in-process; closed after the test."""
-    started: list[Sidecar] = []
-
-    async def start(config: Config) -> Sidecar:
-        sidecar = Sidecar(config)
-        await sidecar.start()
-        started.append(sidecar)
-        return sidecar
-
-    yield start
-    for sidecar in reversed(started):
-        await sidecar.close()
-
-
-@pytest.fixture
-async def upstream_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
-    """`await upstream_app(app, **runner_options)` serves an aiohttp upstream; returns its URL."""
-    servers: list[TestServer] = []
-
-    async def serve(app: web.Application, **options: Any) -> str:
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server(**options)
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
-
-    yield serve
-    for server in servers:
-        await server.close()
-
 
 # --- the dev IdP, the verifying upstream and own Redis processes -------------------------
 
