@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -29,6 +29,11 @@ from sidecar.supervisor import WORKER_DIR_ENV, run_workers, write_worker_status
 __all__ = ["main_runner_options", "run", "run_until_done", "serve"]
 
 log = logging.getLogger("sidecar")
+
+# Connections the kernel may queue before they are accepted (capped by net.core.somaxconn).
+# aiohttp's default, 128, overflows when a few hundred clients connect at once, and every
+# SYN dropped then costs its client a one-second retry (bench/README.md, refresh storm).
+_BACKLOG: Final = 2048
 
 
 async def serve(
@@ -100,7 +105,12 @@ async def _start(
     runner: web.AppRunner, address: Address, key: str, *, reuse_port: bool = False
 ) -> None:
     site = web.TCPSite(
-        runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port
+        runner,
+        address.host,
+        address.port,
+        backlog=_BACKLOG,
+        reuse_address=True,
+        reuse_port=reuse_port,
     )
     try:
         await site.start()
