@@ -93,13 +93,13 @@ class SessionManager:
 
         Without it, each time an entry ages out every request in flight on that session reads
         and decrypts the record at once, and the burst queues behind itself in the Redis
-        client (measured: 100-900 ms stalls at 2 workers, bench/README.md). A read that began
+        client (measured: 100-970 ms stalls at 2 workers, bench/README.md). A read that began
         before the latest announced change may return the old record, so it is not joined.
         """
         changes = self._cache.changes
         reading = self._reading.get(session_id)
         if reading is None or reading[1] != changes:
-            task = asyncio.ensure_future(self.load(session_id))
+            task = asyncio.create_task(self.load(session_id), name="session-read")
             reading = (task, changes)
             self._reading[session_id] = reading
             task.add_done_callback(functools.partial(self._read_done, session_id, reading))
