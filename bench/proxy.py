@@ -485,10 +485,11 @@ def parse_wrk(out: str) -> Result:
     )
 
 
-def children_cpu_seconds() -> float:
-    """User + system CPU of this process's finished children (wrk runs, once waited for)."""
+def others_cpu_seconds(upstream_pid: int | None) -> float:
+    """CPU of this process's finished children (wrk runs, once waited for) and the upstream."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    upstream = cpu_seconds(upstream_pid) if upstream_pid else 0.0
+    return usage.ru_utime + usage.ru_stime + upstream
 
 
 def wrk(
@@ -505,9 +506,9 @@ def wrk(
     for h in headers:
         argv += ["-H", h]
     before = cpu_seconds(pid) if pid else 0.0
-    others_before = children_cpu_seconds() + (cpu_seconds(upstream_pid) if upstream_pid else 0)
+    others_before = others_cpu_seconds(upstream_pid)
     out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
-    others = children_cpu_seconds() + (cpu_seconds(upstream_pid) if upstream_pid else 0)
+    others = others_cpu_seconds(upstream_pid)
     result = parse_wrk(out)
     if pid and result.requests:
         result.cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
