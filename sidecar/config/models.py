@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "InjectConfig",
     "LoggingConfig",
+    "LoginConfig",
     "ManagementConfig",
     "OIDCConfig",
     "RedisConfig",
@@ -86,6 +87,19 @@ class ServerConfig(_Section):
     shutdown_grace: Duration = Field(
         25.0, description="how long in-flight requests may take to finish on shutdown"
     )
+    header_timeout: Duration = Field(
+        10.0, gt=0, description="deadline for a whole request head, from its first byte"
+    )
+    body_timeout: Duration = Field(
+        30.0, gt=0, description="longest wait for the next bytes of a request body"
+    )
+    keepalive_timeout: Duration = Field(
+        75.0, gt=0, description="how long an idle keep-alive connection is kept open"
+    )
+    max_header_size: int = Field(
+        8190, ge=1024, le=65536, description="bytes in the request line or one header line"
+    )
+    max_headers: int = Field(100, ge=8, le=1000, description="header lines in a request")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -255,6 +269,9 @@ class AccessConfig(_Section):
     groups_claim: str = Field("groups", description="claim path of the groups: realm_access.roles")
     allowed_emails: list[str] = Field(default_factory=list)
     allowed_email_domains: list[str] = Field(default_factory=list)
+    require_verified_email: bool = Field(
+        True, description="email rules accept only an `email_verified` claim that is boolean true"
+    )
 
 
 class UpstreamConfig(_Section):
@@ -265,7 +282,27 @@ class UpstreamConfig(_Section):
     connect_timeout: Duration = Field(5.0, gt=0)
     strip_prefix: bool = False
     pass_host_header: bool = True
+    max_connections: int = Field(1024, ge=1, description="pooled connections to this upstream")
+    pool_timeout: Duration = Field(
+        5.0, gt=0, description="wait for a free pool slot before answering 503"
+    )
+    allow_encoded_slashes: bool = Field(
+        False, description="accept %2F and %5C in paths routed here (docs/security.md)"
+    )
+    allow_path_params: bool = Field(
+        False, description="accept `;` path parameters in paths routed here (docs/security.md)"
+    )
     access: AccessConfig | None = None
+
+
+class LoginConfig(_Section):
+    max_pending_per_browser: int = Field(
+        5, ge=1, le=100, description="pending logins kept per login cookie; the oldest goes"
+    )
+    rate_per_minute: float = Field(
+        60.0, ge=0, description="/oauth2/start per client IP and process; 0 = no limit"
+    )
+    burst: int = Field(20, ge=1, description="/oauth2/start calls a client IP may make at once")
 
 
 class InjectConfig(_Section):
@@ -300,6 +337,7 @@ class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     upstreams: list[UpstreamConfig] = Field(min_length=1)
+    login: LoginConfig = Field(default_factory=LoginConfig)
     inject: InjectConfig = Field(default_factory=InjectConfig)
     public_paths: list[PathPrefix] = Field(default_factory=list)
     access: AccessConfig = Field(default_factory=AccessConfig)
