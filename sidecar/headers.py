@@ -85,6 +85,32 @@ class ForwardedPolicy:
             return False
         return any(address in network for network in self._networks)
 
+    def client_ip(self, request: web.BaseRequest) -> str:
+        """The address of the client: the peer, or behind trusted proxies the right-most
+        `X-Forwarded-For` entry that is not one of them (entries further left are the
+        client's own word and prove nothing)."""
+        peer = request.remote or ""
+        if not self.trusts(peer):
+            return peer
+        hops = [
+            hop.strip()
+            for value in request.headers.getall("X-Forwarded-For", ())
+            for hop in value.split(",")
+        ]
+        for hop in reversed(hops):
+            if not hop:
+                break
+            if not self.trusts(hop):
+                return _valid_ip(hop) or peer
+        return hops[0] if hops and _valid_ip(hops[0]) else peer
+
+
+def _valid_ip(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
 
 class RequestHeaderFilter:
     """Which client headers go upstream: the skip sets are built once per upstream.
