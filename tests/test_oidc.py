@@ -11,8 +11,8 @@ from joserfc.jwk import RSAKey
 from sidecar.errors import IdPUnavailable
 from sidecar.oidc import challenge_s256, parse_metadata
 from sidecar.oidc.jwks import JWKSCache
-from tests.functional.test_login import browser, get_json, login, setup
 from tests.idp import shared_idp
+from tests.support.login import browser, get_json, login, setup
 
 
 def test_pkce_rfc7636_appendix_b() -> None:

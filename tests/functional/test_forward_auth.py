@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.functional.test_login import browser, login, setup
+from tests.support.login import browser, login, setup
 
 
 async def test_forward_auth_answers_identity_headers(start_sidecar: Any, upstream_app: Any) -> None:
