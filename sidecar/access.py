@@ -36,8 +36,10 @@ def _passes(claims: Mapping[str, Any], rules: AccessConfig) -> bool:
             return False
     if rules.allowed_emails or rules.allowed_email_domains:
         email = claims.get("email")
-        # An address the IdP has not verified proves nothing about who this is.
-        if not isinstance(email, str) or claims.get("email_verified") is False:
+        # An address the IdP has not verified proves nothing about who this is: only the
+        # JSON boolean true counts (OIDC Core §5.1), not "false", "true" or a missing claim.
+        verified = claims.get("email_verified") is True or not rules.require_verified_email
+        if not isinstance(email, str) or not verified:
             return False
         email = email.lower()
         by_address = email in {e.lower() for e in rules.allowed_emails}

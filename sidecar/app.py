@@ -21,6 +21,7 @@ from sidecar.appkeys import (
     CONFIG,
     COOKIES,
     EVENTS,
+    FORWARDED,
     METRICS,
     OIDC,
     READINESS,
@@ -38,6 +39,7 @@ from sidecar.logging import REQUEST_ID
 from sidecar.metrics import Metrics
 from sidecar.middleware import add_request_id, map_errors, observe
 from sidecar.oidc import OIDCClient
+from sidecar.paths import PATH
 from sidecar.proxy import PathPrefixes, Router, Upstream
 from sidecar.refresh import (
     Events,
@@ -49,6 +51,7 @@ from sidecar.refresh import (
     Refresher,
 )
 from sidecar.responses import error_response
+from sidecar.routing import Dispatcher
 from sidecar.session import Keyring, MemorySessionStore, RedisSessionStore, SessionManager
 from sidecar.session.cookie import Cookies
 from sidecar.session.store import SessionStore
@@ -107,6 +110,7 @@ def build_apps(
     main[METRICS] = metrics
     main[READINESS] = readiness
     main[ROUTER] = router
+    main[FORWARDED] = policy
     main[OIDC] = oidc
     sessions = SessionManager(
         store, keyring, config.session, on_caching=metrics.session_cache_live.set
@@ -121,13 +125,15 @@ def build_apps(
     main.cleanup_ctx.append(_session_store)
     main.cleanup_ctx.append(_identity_provider)
     main.on_response_prepare.append(add_request_id)
-    main.router.add_get("/oauth2/start", login.start)
-    main.router.add_get("/oauth2/callback", login.callback)
-    main.router.add_route("GET", "/oauth2/sign_out", login.sign_out)
-    main.router.add_route("POST", "/oauth2/sign_out", login.sign_out)
-    main.router.add_get("/oauth2/userinfo", login.userinfo)
-    main.router.add_route("*", "/oauth2/auth", forward_auth)
-    main.router.add_route("*", "/{tail:.*}", proxy)
+    # Every request takes one route; the dispatcher decides on the canonical path.
+    endpoints = {
+        "/oauth2/start": {"GET": login.start},
+        "/oauth2/callback": {"GET": login.callback},
+        "/oauth2/sign_out": {"GET": login.sign_out, "POST": login.sign_out},
+        "/oauth2/userinfo": {"GET": login.userinfo},
+        "/oauth2/auth": {"*": forward_auth},  # front proxies may send the original method
+    }
+    main.router.add_route("*", "/{tail:.*}", Dispatcher(endpoints, proxy).handle)
 
     management = web.Application()
     management[METRICS] = metrics
@@ -197,13 +203,17 @@ async def _identity_provider(app: web.Application) -> AsyncIterator[None]:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     """Everything that is not a sidecar endpoint: session → access rules → headers → upstream."""
-    upstream = request.app[ROUTER].match(request.path)
+    target = request[PATH]
+    upstream = request.app[ROUTER].match(target.path)
     if upstream is None:
         request[ROUTE] = "unrouted"
         return error_response(request, 404, "no_upstream", "no upstream serves this path")
     request[ROUTE] = upstream.prefix
+    refusal = upstream.refuses(target)
+    if refusal is not None:
+        return error_response(request, 400, "bad_request", refusal)
     extra = [("X-Request-Id", request[REQUEST_ID])]
-    if request.path in request.app[PUBLIC]:
+    if target.path in request.app[PUBLIC]:
         return await upstream.forward(request, extra)
 
     cookies = request.app[COOKIES]

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from sidecar.admission import Admission
 from sidecar.config import Config
+from sidecar.headers import ForwardedPolicy
 from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
@@ -21,6 +22,7 @@ __all__ = [
     "CONFIG",
     "COOKIES",
     "EVENTS",
+    "FORWARDED",
     "METRICS",
     "OIDC",
     "READINESS",
@@ -39,5 +41,6 @@ SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
 EVENTS: Final = web.AppKey("events", Events)
+FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

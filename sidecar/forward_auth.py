@@ -3,13 +3,16 @@
 2xx with the identity headers the proxy would inject (the front proxy copies them upstream),
 401 without a usable session, 403 when the access rules refuse. Never a redirect: the front
 proxy decides what a browser sees (nginx: `error_page 401 = /oauth2/start?rd=$request_uri`).
+
+The answer carries the access token, so only peers in `server.trusted_proxies` get one: a
+script in the user's browser must not be able to read it (docs/security.md).
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.appkeys import ADMISSION, COOKIES, REFRESHER, ROUTE, SESSIONS
+from sidecar.appkeys import ADMISSION, COOKIES, FORWARDED, REFRESHER, ROUTE, SESSIONS
 from sidecar.errors import SessionEnded
 from sidecar.login import START_PATH, unauthorized_json
 from sidecar.responses import error_response
@@ -20,6 +23,13 @@ __all__ = ["forward_auth"]
 async def forward_auth(request: web.Request) -> web.StreamResponse:
     """202 and identity headers for a valid session; 401 or 403 otherwise."""
     request[ROUTE] = "oauth2_auth"
+    if not request.app[FORWARDED].trusts(request.remote):
+        return error_response(
+            request,
+            403,
+            "untrusted_peer",
+            "forward-auth answers only the proxies listed in server.trusted_proxies",
+        )
     session = await request.app[SESSIONS].current(request.app[COOKIES].session_id(request))
     if session is None:
         return unauthorized_json(START_PATH)

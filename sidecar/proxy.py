@@ -25,6 +25,7 @@ from sidecar.headers import (
     response_headers,
 )
 from sidecar.metrics import Metrics
+from sidecar.paths import PATH, CanonicalPath
 from sidecar.upstream_http import (
     ConnectFailed,
     ConnectionPool,
@@ -69,9 +70,7 @@ class Upstream:
         self._strip = (
             self.prefix.rstrip("/") if config.strip_prefix and self.prefix != "/" else None
         )
-        self._headers = RequestHeaderFilter(
-            policy, pass_host=config.pass_host_header, drop=drop, cookie_filter=cookie_filter
-        )
+        self._headers = RequestHeaderFilter(policy, drop=drop, cookie_filter=cookie_filter)
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_read=config.timeout
@@ -86,6 +85,14 @@ class Upstream:
             read_timeout=config.timeout,
         )
         self._session: aiohttp.ClientSession | None = None
+
+    def refuses(self, target: CanonicalPath) -> str | None:
+        """Why this upstream will not take `target`, when it uses a form it did not opt into."""
+        if target.encoded_slash and not self.config.allow_encoded_slashes:
+            return "the path holds an encoded / or \\"
+        if target.params and not self.config.allow_path_params:
+            return "the path holds ; parameters"
+        return None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -110,13 +117,15 @@ class Upstream:
         return self._session
 
     def path(self, request: web.BaseRequest) -> str:
-        """The upstream request target: raw path and query byte for byte."""
-        raw = request.raw_path
-        if self._strip is not None and raw.startswith(self.prefix):
-            raw = raw[len(self._strip) :]
-            if not raw.startswith("/"):
-                raw = "/" + raw
-        return self._base_path + raw
+        """The upstream request target: the canonical path the sidecar decided on, then the
+        query byte for byte (origin-form, RFC 9112 §3.2.1)."""
+        path = request[PATH].path
+        if self._strip is not None and path_matches(path, self.prefix):
+            path = path[len(self._strip) :]
+            if not path.startswith("/"):
+                path = "/" + path
+        _, mark, query = request.raw_path.partition("?")
+        return self._base_path + path + mark + query
 
     def target(self, request: web.BaseRequest) -> URL:
         """The upstream URL, percent-encoding untouched."""
@@ -135,13 +144,17 @@ class Upstream:
     async def _forward_http(
         self, request: web.Request, headers: list[tuple[str, str]]
     ) -> web.StreamResponse:
-        incoming = request.headers
-        if not self._pass_host or hdrs.HOST not in incoming:
-            headers.append(("Host", self._authority))
-        body = request.content if request.body_exists else None
-        chunked = body is not None and hdrs.CONTENT_LENGTH not in incoming
+        # The sidecar owns framing: one Host, and one of Content-Length or chunked, matching
+        # the body as aiohttp's strict parser framed it (docs/security.md).
+        host = request.headers.get(hdrs.HOST) if self._pass_host else None
+        headers.append(("Host", host or self._authority))
+        length = request.content_length
+        chunked = length is None and request.body_exists
+        body = request.content if chunked or length else None
         if chunked:
             headers.append(("Transfer-Encoding", "chunked"))
+        elif length is not None:
+            headers.append(("Content-Length", str(length)))
         try:
             head = encode_head(request.method, self.path(request), headers)
             upstream = await self._pool.request(request.method, head, body, chunked=chunked)

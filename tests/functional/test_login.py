@@ -137,11 +137,11 @@ async def test_unauthenticated_navigation_and_api(start_sidecar: Any, upstream_a
     """No session: navigation is redirected with the raw path, an API call gets 401 JSON."""
     sc = await setup(start_sidecar, upstream_app)
     async with aiohttp.ClientSession() as s:
-        async with s.get(sc.url("/a%2Fb/c?x=1&y=%20"), headers=HTML, allow_redirects=False) as r:
+        async with s.get(sc.url("/a%20b/c?x=1&y=%20"), headers=HTML, allow_redirects=False) as r:
             assert r.status == 302
             loc = URL(r.headers["Location"])
         assert loc.path == "/oauth2/start"
-        assert loc.query["rd"] == "/a%2Fb/c?x=1&y=%20"
+        assert loc.query["rd"] == "/a%20b/c?x=1&y=%20"
         async with s.get(sc.url("/api/x"), headers=JSON, allow_redirects=False) as r:
             assert r.status == 401
             assert r.headers["WWW-Authenticate"].startswith("Bearer")

@@ -1,0 +1,86 @@
+"""The front door of the main listener: one check of the request line, one canonical path,
+then the sidecar endpoint or the proxy.
+
+aiohttp's router would match on its own decoded reading of the path; here every decision is
+taken on the canonical path (sidecar/paths.py) instead, so `/oauth2/./auth` and `//oauth2/auth`
+are the endpoint they spell and an upstream never receives a path the sidecar did not check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sidecar.appkeys import ROUTE
+from sidecar.headers import AUTHORITY
+from sidecar.paths import PATH, BadPath, canonical_path
+from sidecar.responses import error_response
+
+__all__ = ["Dispatcher"]
+
+_HTTP_11: Final = (1, 1)
+
+
+class Dispatcher:
+    """Routes on the canonical path: sidecar endpoints by exact path and method (`*`: any;
+    GET serves HEAD too), else `proxy`."""
+
+    __slots__ = ("_endpoints", "_proxy")
+
+    def __init__(self, endpoints: Mapping[str, Mapping[str, Handler]], proxy: Handler) -> None:
+        self._endpoints = {
+            path: {**methods, **({"HEAD": methods["GET"]} if "GET" in methods else {})}
+            for path, methods in endpoints.items()
+        }
+        self._proxy = proxy
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        problem = _framing_problem(request)
+        if problem is None:
+            try:
+                request[PATH] = target = canonical_path(request.raw_path.partition("?")[0])
+            except BadPath as exc:
+                problem = str(exc)
+        if problem is not None:
+            request[ROUTE] = "refused"
+            response = error_response(request, 400, "bad_request", problem)
+            response.force_close()  # what follows on this connection cannot be trusted
+            return response
+        methods = self._endpoints.get(target.path)
+        if methods is None:
+            return await self._proxy(request)
+        handler = methods.get(request.method) or methods.get("*")
+        if handler is None:
+            request[ROUTE] = "method_not_allowed"
+            return error_response(
+                request,
+                405,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+                headers={"Allow": ", ".join(sorted(methods))},
+            )
+        return await handler(request)
+
+
+def _framing_problem(request: web.BaseRequest) -> str | None:
+    """Why the request line or framing is refused (RFC 9112 §3.2, §6.1, §6.3), or None.
+
+    aiohttp's parser already refuses Content-Length with Transfer-Encoding, duplicate or
+    malformed lengths, obs-fold and bare CR or LF; this adds what it lets through.
+    """
+    if not request.raw_path.startswith("/"):
+        return "the request target must be a path (origin-form)"
+    headers = request.headers
+    if "Transfer-Encoding" in headers:
+        codings = headers.getall("Transfer-Encoding")
+        if request.version < _HTTP_11:
+            return "HTTP/1.0 has no Transfer-Encoding"
+        if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+            return "only Transfer-Encoding: chunked is accepted"
+    hosts = headers.getall("Host", ())
+    if len(hosts) > 1 or (hosts and not AUTHORITY.fullmatch(hosts[0])):
+        return "the Host header is not one valid host"
+    return None
