@@ -194,7 +194,7 @@ class RequestHeaderFilter:
             proto = said if said in _PROTOS else proto
         out.append(("X-Forwarded-For", ", ".join(chain)))
         out.append(("X-Forwarded-Proto", proto))
-        if host is None or not AUTHORITY.fullmatch(host):
+        if not host or not AUTHORITY.fullmatch(host):
             host = incoming.get("Host", "")
         if host:
             out.append(("X-Forwarded-Host", host))

@@ -23,6 +23,7 @@ from pydantic import (
 from yarl import URL
 
 from sidecar.config.types import Duration, ListenAddress
+from sidecar.paths import BadPath, CanonicalPath, canonical_path
 
 __all__ = [
     "AccessConfig",
@@ -64,8 +65,17 @@ def _base_url(value: str) -> str:
 
 
 def _path_prefix(value: str) -> str:
-    if not value.startswith("/") or any(c in value for c in "?#\\") or "//" in value:
-        raise ValueError(f"expected a path starting with / (no query, no //), got {value!r}")
+    # Requests are matched on their canonical path, so a prefix must be canonical too, or it
+    # could never match (`/a/../b`) or match something other than it seems (`/%61`).
+    try:
+        canonical = canonical_path(value) if "?" not in value else None
+    except BadPath:
+        canonical = None
+    if canonical != CanonicalPath(value):
+        raise ValueError(
+            f"expected a path starting with /, in canonical form (no query, no //, no dot "
+            f"segments, no ;, no %-escapes of unreserved characters), got {value!r}"
+        )
     return value
 
 
