@@ -1,6 +1,7 @@
 """Side-by-side proxy benchmark (issue 7): one command, one run, alternating rows, one table.
 
     .venv/bin/python bench/proxy.py [--duration 10] [--connections 50] [--rounds 2]
+                                    [--baseline GIT_REF]
 
 Everything listens on 127.0.0.1 on free ports and is stopped at exit:
 
@@ -12,6 +13,10 @@ Everything listens on 127.0.0.1 on free ports and is stopped at exit:
 * the sidecar (`python -m sidecar run`) with 1 and with 2 workers, Redis store (127.0.0.1:6379,
   unique key prefix): one row on a public path, one row with an authenticated session (cookie
   from a real login at the dev IdP).
+
+With `--baseline REF` (a commit, tag or branch of this repository) a 1-worker sidecar built
+from that commit's source runs beside today's, its public and authenticated rows alternating
+with the current code's in every round: the cost of a change, measured in one run.
 
 Besides req/s and latency, each proxy's CPU time per request (its process tree, from psutil)
 is reported: on a shared 2-core machine it is steadier than throughput.
@@ -180,9 +185,9 @@ class Procs:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         log.close()
         self.procs.append(proc)
         return proc
@@ -373,8 +378,11 @@ def start_sidecar(
     upstream: str,
     workers: int,
     prefix: str,
+    source: Path | None = None,
     **session_options: Any,
 ) -> Sidecar:
+    """`source`: a checkout whose `sidecar` package runs instead of this one (`-m` imports
+    from the working directory first)."""
     import yaml
 
     key = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -405,7 +413,8 @@ def start_sidecar(
     config["redis"] = {"url": REDIS_URL, "key_prefix": prefix}
     path = procs.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = procs.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(path)])
+    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(path)]
+    proc = procs.start(name, argv, cwd=source)
     try:
         wait_http(f"http://{HOST}:{mport}/readyz", timeout=30, proc=proc)
     except (RuntimeError, TimeoutError) as e:
@@ -421,6 +430,19 @@ def rss_mib(proc: subprocess.Popen[bytes]) -> list[tuple[int, str, float]]:
     for child in p.children(recursive=True):
         out.append((child.pid, "worker", child.memory_info().rss / 2**20))
     return out
+
+
+def export_commit(ref: str, into: Path) -> Path:
+    """The source tree of `ref` (this repository's), unpacked into `into`."""
+    into.mkdir(parents=True)
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", ref, "sidecar"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 # --- wrk --------------------------------------------------------------------------------
@@ -618,6 +640,9 @@ def main() -> int:
     parser.add_argument(
         "--bare-proxy", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--baseline", metavar="GIT_REF", help="also run a 1-worker sidecar from this commit"
+    )
     parser.add_argument("--python-upstream", metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_proxy:
@@ -647,7 +672,7 @@ def main() -> int:
     prefix = f"bench-{os.getpid()}-{secrets.token_hex(4)}"
     me = str(Path(__file__).resolve())
     try:
-        ports = {k: free_port() for k in ("up", "nginx", "bare", "sc1", "sc2", "idp")}
+        ports = {k: free_port() for k in ("up", "nginx", "bare", "sc1", "sc2", "base", "idp")}
         upstream = f"{HOST}:{ports['up']}"
         if have_nginx:
             upstream_pid = start_nginx(procs, "upstream", ports["up"], None)
@@ -661,7 +686,7 @@ def main() -> int:
             [sys.executable, me, "--bare-proxy", str(ports["bare"]), "http://" + upstream],
         )
         wait_http(f"http://{HOST}:{ports['bare']}{PATH}", proc=bare_proc)
-        bases = [f"http://{HOST}:{ports['sc1']}", f"http://{HOST}:{ports['sc2']}"]
+        bases = [f"http://{HOST}:{ports[k]}" for k in ("sc1", "sc2", "base")]
         idp = ThreadedIdP(ports["idp"], bases)
         sc1 = start_sidecar(
             procs, "sidecar-1w", ports["sc1"], idp.issuer, "http://" + upstream, 1, prefix
@@ -671,6 +696,14 @@ def main() -> int:
         )
         cookie = login(sc1.base)
         cookie2 = login(sc2.base)
+        baseline = None
+        if args.baseline:
+            source = export_commit(args.baseline, tmp / "baseline")
+            baseline = start_sidecar(
+                procs, "baseline-1w", ports["base"], idp.issuer, "http://" + upstream, 1,
+                prefix, source,
+            )  # fmt: skip
+            baseline_cookie = login(baseline.base)
 
         # (name, URL, wrk headers, pid whose process tree's CPU time is the proxy's cost)
         rows: list[tuple[str, str, list[str], int | None]] = [
@@ -697,6 +730,16 @@ def main() -> int:
                 sc2.proc.pid,
             ),
         ]
+        if baseline is not None:
+            # Old and new code side by side: each round runs them next to each other.
+            at = next(i for i, row in enumerate(rows) if row[0] == "sidecar public (1 worker)")
+            rows[at:at] = [
+                (f"baseline {args.baseline} public (1 worker)", baseline.base + PATH, [],
+                 baseline.proc.pid),
+                (f"baseline {args.baseline} authenticated (1 worker)",
+                 baseline.base + "/private/bench", [f"Cookie: {baseline_cookie}"],
+                 baseline.proc.pid),
+            ]  # fmt: skip
         # Every row must answer 200 before anything is measured.
         for name, url, headers, _ in rows:
             req = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
@@ -793,6 +836,16 @@ def main() -> int:
                 added <= TARGETS["p99_added_ms"],
             ),
         ]
+        if baseline is not None:
+            print()
+            for kind in ("public", "authenticated"):
+                new = best[f"sidecar {kind} (1 worker)"]
+                old = best[f"baseline {args.baseline} {kind} (1 worker)"]
+                cpu = ratio(new.cpu_us, old.cpu_us)
+                print(
+                    f"{kind}, this tree vs {args.baseline}: {new.rps / old.rps:.3f}x req/s, "
+                    f"{cpu} CPU per request"
+                )
         print()
         print("Targets (issue 7):")
         for what, value, ok in checks:
