@@ -22,6 +22,7 @@ from sidecar.appkeys import (
     COOKIES,
     EVENTS,
     FORWARDED,
+    LOGIN_LIMITER,
     METRICS,
     OIDC,
     READINESS,
@@ -41,6 +42,7 @@ from sidecar.middleware import add_request_id, map_errors, observe
 from sidecar.oidc import OIDCClient
 from sidecar.paths import PATH
 from sidecar.proxy import PathPrefixes, Router, Upstream
+from sidecar.ratelimit import ClientRateLimiter
 from sidecar.refresh import (
     Events,
     Locks,
@@ -119,6 +121,7 @@ def build_apps(
     main[EVENTS] = events
     main[REFRESHER] = Refresher(sessions, oidc, locks, events, config.refresh, metrics)
     main[COOKIES] = cookies
+    main[LOGIN_LIMITER] = ClientRateLimiter.for_logins(config.login, policy)
     main[ADMISSION] = Admission(config.access, config.inject)
     main[PUBLIC] = PathPrefixes(config.public_paths)
     main.cleanup_ctx.append(_upstream_pools)

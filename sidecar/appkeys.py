@@ -13,6 +13,7 @@ from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
 from sidecar.proxy import Router
+from sidecar.ratelimit import ClientRateLimiter
 from sidecar.refresh import Events, Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
@@ -23,6 +24,7 @@ __all__ = [
     "COOKIES",
     "EVENTS",
     "FORWARDED",
+    "LOGIN_LIMITER",
     "METRICS",
     "OIDC",
     "READINESS",
@@ -41,6 +43,8 @@ SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
 EVENTS: Final = web.AppKey("events", Events)
+# Per client address, on `/oauth2/start` (sidecar/ratelimit.py).
+LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

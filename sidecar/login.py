@@ -18,7 +18,7 @@ from typing import Final
 from aiohttp import web
 from yarl import URL
 
-from sidecar.appkeys import CONFIG, COOKIES, OIDC, ROUTE, SESSIONS
+from sidecar.appkeys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
 from sidecar.oidc.tokens import access_token_expiry, user_claims
@@ -72,6 +72,9 @@ def login_url(request: web.Request) -> str:
 async def start(request: web.Request) -> web.StreamResponse:
     """Begin a login: PKCE verifier, state and nonce kept server-side; 302 to the IdP."""
     request[ROUTE] = "oauth2_start"
+    retry_after = request.app[LOGIN_LIMITER].retry_after(request)
+    if retry_after is not None:
+        return _too_many_logins(request, retry_after)  # nothing stored, no cookie set
     client, sessions, cookies = request.app[OIDC], request.app[SESSIONS], request.app[COOKIES]
     return_to = safe_return_path(request.query.get("rd"))
     # One binding secret per browser serves every login pending in it (several tabs).
@@ -82,7 +85,7 @@ async def start(request: web.Request) -> web.StreamResponse:
     url = client.authorization_url(
         state=state, nonce=nonce, code_challenge=challenge_s256(verifier)
     )
-    await sessions.put_login(
+    dropped = await sessions.put_login(
         state,
         PendingLogin(
             code_verifier=verifier,
@@ -91,7 +94,10 @@ async def start(request: web.Request) -> web.StreamResponse:
             binding_hash=_digest(secret),
             created_at=time.time(),
         ),
+        keep=request.app[CONFIG].login.max_pending_per_browser,
     )
+    if dropped:
+        request.app[METRICS].login_pending_dropped.inc(dropped)
     response = _redirect(url)
     cookies.set_login(response, secret)
     return response
@@ -257,6 +263,18 @@ def _login_failed(request: web.Request, status: int, code: str, message: str) ->
     )
     return web.Response(
         status=status, text=body, content_type="text/html", headers={"Cache-Control": "no-store"}
+    )
+
+
+def _too_many_logins(request: web.Request, retry_after: int) -> web.Response:
+    """429 with `Retry-After` (RFC 6585 §4): a page for a navigation, else JSON."""
+    request.app[METRICS].login_rate_limited.inc()
+    return error_response(
+        request,
+        429,
+        "too_many_logins",
+        f"Too many logins from your address; try again in {retry_after} s.",
+        headers={"Retry-After": str(retry_after)},
     )
 
 

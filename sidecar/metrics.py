@@ -79,6 +79,17 @@ class Metrics:
             "Refresh lock acquisitions that found the session's lock held elsewhere.",
             registry=self.registry,
         )
+        self.login_rate_limited = Counter(
+            "sidecar_login_rate_limited",
+            "/oauth2/start calls refused with 429: the client address ran out of tokens.",
+            registry=self.registry,
+        )
+        self.login_pending_dropped = Counter(
+            "sidecar_login_pending_dropped",
+            "Pending logins dropped because their browser started newer ones beyond "
+            "login.max_pending_per_browser.",
+            registry=self.registry,
+        )
 
         # Labelled children by label values: `labels()` costs a lock and a tuple per call.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}

@@ -6,19 +6,32 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
-__all__ = ["MemorySessionStore"]
+__all__ = ["MAX_PENDING_LOGINS", "MemorySessionStore"]
 
 log = logging.getLogger("sidecar.session")
+
+# A pending login costs ~0.9 KB here (up to ~3 KB with a 2 KB return path): a flood from
+# many addresses holds at most ~20-60 MB before the oldest go. 20,000 logins started within
+# the 10-minute TTL is 33 a second, beyond what one memory-store process serves.
+MAX_PENDING_LOGINS: Final = 20_000
 
 
 class MemorySessionStore:
     """Same semantics as the Redis store, with expiry checked on read."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, max_logins: int = MAX_PENDING_LOGINS
+    ) -> None:
+        """`max_logins` caps the pending logins held: beyond it the oldest goes first."""
         self._clock = clock
         self._records: dict[str, tuple[int, bytes, float]] = {}
-        self._logins: dict[str, tuple[bytes, float]] = {}
+        # Pending logins in the order stored: sealed bytes (None once used), deadline, browser.
+        self._logins: dict[str, tuple[bytes | None, float, str]] = {}
+        # Each browser's pending logins, oldest first (dicts as ordered sets).
+        self._browsers: dict[str, dict[str, None]] = {}
+        self._max_logins = max_logins
         self._indexes: dict[str, dict[str, float]] = {}
         self._attempts: dict[str, float] = {}
         self._watchers: list[Callable[[str | None], None]] = []
@@ -97,14 +110,59 @@ class MemorySessionStore:
         now = self._clock()
         return [h for h, until in self._indexes.get(f"sid:{sid_key}", {}).items() if until > now]
 
-    async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
-        self._logins[key] = (sealed, self._clock() + ttl)
+    async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
+        now = self._clock()
+        self._evict_logins(now)
+        self._drop_login(key)  # a state is random: only ever a test puts one twice
+        while len(self._logins) >= self._max_logins:
+            self._drop_login(next(iter(self._logins)))  # full: the oldest goes
+        self._logins[key] = (sealed, now + ttl, browser)
+        pending = self._browsers.setdefault(browser, {})
+        pending[key] = None
+        dropped = 0
+        while len(pending) > keep:
+            self._drop_login(next(iter(pending)))
+            dropped += 1
+        return dropped
 
     async def take_login(self, key: str) -> bytes | None:
-        entry = self._logins.pop(key, None)
-        if entry is None or entry[1] <= self._clock():
+        entry = self._logins.get(key)
+        if entry is None or entry[0] is None:
             return None
+        if entry[1] <= self._clock():
+            self._drop_login(key)
+            return None
+        # Used, but still listed under its browser until it expires or is pushed out, as in
+        # Redis: the cap counts logins started, not logins waiting.
+        self._logins[key] = (None, entry[1], entry[2])
         return entry[0]
+
+    @property
+    def pending_logins(self) -> int:
+        """Pending logins held now: used and expired ones not yet evicted included."""
+        return len(self._logins)
+
+    def _evict_logins(self, now: float) -> None:
+        """Drop expired pending logins, oldest first: amortised O(1) per login stored.
+
+        Every pending login gets the same TTL, so insertion order is expiry order; one
+        given a shorter TTL waits behind older ones, and `take_login` still refuses it.
+        """
+        while self._logins:
+            key = next(iter(self._logins))
+            if self._logins[key][1] > now:
+                return
+            self._drop_login(key)
+
+    def _drop_login(self, key: str) -> tuple[bytes | None, float, str] | None:
+        entry = self._logins.pop(key, None)
+        if entry is not None:
+            pending = self._browsers.get(entry[2])
+            if pending is not None:
+                pending.pop(key, None)
+                if not pending:
+                    del self._browsers[entry[2]]
+        return entry
 
     async def ping(self) -> None:
         return None

@@ -53,6 +53,18 @@ local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if last[2] then redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(last[2])) + 1) end
 return 1
 """
+# List a new pending login under its browser (scored by creation time, microseconds), forget
+# the expired ones, and keep only the newest ARGV[4]: returns the dropped states' hashes, whose
+# login keys the caller deletes. The list lives as long as a pending login.
+_LIST_LOGIN: Final = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local keep = tonumber(ARGV[4])
+local dropped = redis.call('ZRANGE', KEYS[1], 0, -keep - 1)
+if #dropped > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -keep - 1) end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return dropped
+"""
 # Marks "a refresh grant is about to be sent" for an existing record only; lives as long.
 _MARK_ATTEMPT: Final = """
 local ttl = redis.call('PTTL', KEYS[1])
@@ -80,6 +92,7 @@ class RedisSessionStore:
         # Change feed: classic pub/sub, which reaches every node of a Cluster too.
         self._changes = f"{prefix}:changed"
         self._index = client.register_script(_INDEX)
+        self._list_login = client.register_script(_LIST_LOGIN)
         self._closed = False
 
     @classmethod
@@ -182,13 +195,27 @@ class RedisSessionStore:
             keys.append(f"{self._p}:sid:{sid_key}")
         return keys
 
-    async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
+    async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
+        ttl_ms = milliseconds(ttl)
+        now_us = int(time.time() * 1_000_000)
         async with translated_errors():
-            await self._redis.set(f"{self._p}:login:{key}", sealed, px=milliseconds(ttl))
+            await self._redis.set(self._login_key(key), sealed, px=ttl_ms)
+            dropped = await self._list_login(
+                keys=[f"{self._p}:logins:{{{browser}}}"],
+                args=[key, now_us, now_us - ttl_ms * 1000, keep, ttl_ms],
+            )
+            if dropped:
+                # Other Cluster slots than the list: deleted after the (atomic) trim. A
+                # process dying in between leaves them to their TTL (docs/sessions.md).
+                await self._redis.delete(*(self._login_key(_as_bytes(m).decode()) for m in dropped))
+        return len(dropped)
+
+    def _login_key(self, key: str) -> str:
+        return f"{self._p}:login:{key}"
 
     async def take_login(self, key: str) -> bytes | None:
         async with translated_errors():
-            value = await self._redis.getdel(f"{self._p}:login:{key}")
+            value = await self._redis.getdel(self._login_key(key))
         return _as_bytes(value) if value is not None else None
 
     async def ping(self) -> None:

@@ -53,8 +53,12 @@ class SessionStore(Protocol):
     async def sessions_of_sid(self, sid_key: str) -> list[str]:
         """Hashes of the sessions of one IdP session (back-channel logout)."""
 
-    async def put_login(self, key: str, sealed: bytes, ttl: float) -> None:
-        """Store a pending login under the hash of its `state`."""
+    async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
+        """Store a pending login under the hash of its `state`, listed under `browser`.
+
+        Only the newest `keep` pending logins of one browser remain: the older ones are
+        deleted (their `state` no longer works). Returns how many were dropped.
+        """
 
     async def take_login(self, key: str) -> bytes | None:
         """Read and delete a pending login in one step (GETDEL): a state works once."""
