@@ -107,7 +107,15 @@ def build_apps(
         answer_within=config.refresh.late_answer_timeout,
     )
 
-    main = web.Application(middlewares=[observe, map_errors])
+    # The only router: every request, routed on its canonical path (sidecar/routing.py).
+    endpoints = {
+        "/oauth2/start": {"GET": login.start},
+        "/oauth2/callback": {"GET": login.callback},
+        "/oauth2/sign_out": {"GET": login.sign_out, "POST": login.sign_out},
+        "/oauth2/userinfo": {"GET": login.userinfo},
+        "/oauth2/auth": {"*": forward_auth},  # front proxies may send the original method
+    }
+    main = web.Application(middlewares=[observe, map_errors, Dispatcher(endpoints, proxy)])
     main[CONFIG] = config
     main[METRICS] = metrics
     main[READINESS] = readiness
@@ -128,15 +136,6 @@ def build_apps(
     main.cleanup_ctx.append(_session_store)
     main.cleanup_ctx.append(_identity_provider)
     main.on_response_prepare.append(add_request_id)
-    # Every request takes one route; the dispatcher decides on the canonical path.
-    endpoints = {
-        "/oauth2/start": {"GET": login.start},
-        "/oauth2/callback": {"GET": login.callback},
-        "/oauth2/sign_out": {"GET": login.sign_out, "POST": login.sign_out},
-        "/oauth2/userinfo": {"GET": login.userinfo},
-        "/oauth2/auth": {"*": forward_auth},  # front proxies may send the original method
-    }
-    main.router.add_route("*", "/{tail:.*}", Dispatcher(endpoints, proxy).handle)
 
     management = web.Application()
     management[METRICS] = metrics

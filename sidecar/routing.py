@@ -25,10 +25,15 @@ _HTTP_11: Final = (1, 1)
 
 
 class Dispatcher:
-    """Routes on the canonical path: sidecar endpoints by exact path and method (`*`: any;
-    GET serves HEAD too), else `proxy`."""
+    """The innermost middleware, and the only router: sidecar endpoints by exact canonical
+    path and method (`*`: any; GET serves HEAD too), else `proxy`.
+
+    As a middleware it sees every request, including targets aiohttp's router cannot match
+    (`OPTIONS *`, `CONNECT host:443`), and ignores aiohttp's own match.
+    """
 
     __slots__ = ("_endpoints", "_proxy")
+    __middleware_version__ = 1  # a new-style aiohttp middleware (`@web.middleware`)
 
     def __init__(self, endpoints: Mapping[str, Mapping[str, Handler]], proxy: Handler) -> None:
         self._endpoints = {
@@ -37,7 +42,8 @@ class Dispatcher:
         }
         self._proxy = proxy
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """`handler`, aiohttp's own match, is never called."""
         problem = _framing_problem(request)
         if problem is None:
             try:
@@ -45,15 +51,12 @@ class Dispatcher:
             except BadPath as exc:
                 problem = str(exc)
         if problem is not None:
-            request[ROUTE] = "refused"
-            response = error_response(request, 400, "bad_request", problem)
-            response.force_close()  # what follows on this connection cannot be trusted
-            return response
+            return await _refuse(request, problem)
         methods = self._endpoints.get(target.path)
         if methods is None:
             return await self._proxy(request)
-        handler = methods.get(request.method) or methods.get("*")
-        if handler is None:
+        endpoint = methods.get(request.method) or methods.get("*")
+        if endpoint is None:
             request[ROUTE] = "method_not_allowed"
             return error_response(
                 request,
@@ -62,7 +65,19 @@ class Dispatcher:
                 "this endpoint does not take that method",
                 headers={"Allow": ", ".join(sorted(methods))},
             )
-        return await handler(request)
+        return await endpoint(request)
+
+
+async def _refuse(request: web.Request, problem: str) -> web.StreamResponse:
+    """400, then the connection closes at once: after a request whose framing or target is
+    in doubt, nothing more is read from it (RFC 9112 §6.3), not even a lingering body."""
+    request[ROUTE] = "refused"
+    response = error_response(request, 400, "bad_request", problem)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 def _framing_problem(request: web.BaseRequest) -> str | None:
