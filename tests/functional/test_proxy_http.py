@@ -16,7 +16,7 @@ from yarl import URL
 
 from sidecar.config import Config
 from tests.conftest import config_dict, make_config
-from tests.functional.conftest import (
+from tests.support.raw_http import (
     RawClient,
     RawServer,
     raw_exchange,
@@ -152,34 +152,42 @@ async def test_head_through_http_client(
 
 
 @pytest.mark.parametrize(
-    "target",
+    ("target", "forwarded"),
     [
-        "/a%2Fb?x=%20&y=%2F",
-        "/%7Euser/",
-        "//x",
-        "//x//y/?q=a%2Bb&q=c+d&empty=&flag",
-        "/%E2%82%AC/./../dots?%3D=%26",
+        ("/a/b?x=%20&y=%2F", "/a/b?x=%20&y=%2F"),
+        ("/%7Euser/", "/~user/"),
+        ("//x", "/x"),
+        ("//x//y/?q=a%2Bb&q=c+d&empty=&flag", "/x/y/?q=a%2Bb&q=c+d&empty=&flag"),
+        ("/%E2%82%AC/./../dots?%3D=%26", "/dots?%3D=%26"),
+        ("/%e2%82%ac/x?%2e", "/%E2%82%AC/x?%2e"),
     ],
 )
-async def test_raw_path_and_query_byte_for_byte(
-    target: str, start_sidecar: StartSidecar, start_raw: StartRaw
+async def test_canonical_path_and_raw_query(
+    target: str, forwarded: str, start_sidecar: StartSidecar, start_raw: StartRaw
 ) -> None:
-    """The upstream's request line carries exactly the client's raw path and query."""
+    """The upstream's request line carries the canonical path and the client's raw query."""
     upstream, url = await raw_upstream(start_raw, OK)
     sidecar = await start_sidecar(make_config(url))
     response = await raw_exchange(sidecar.url("/"), raw_get(target, "Connection: close"))
     assert response.status == 200
-    assert upstream.requests[0].start_line == f"GET {target} HTTP/1.1"
+    assert upstream.requests[0].start_line == f"GET {forwarded} HTTP/1.1"
 
 
-async def test_raw_path_seen_by_aiohttp_upstream(
+async def test_encoded_slash_forwarded_only_where_allowed(
     start_sidecar: StartSidecar, upstream_app: Serve, http: aiohttp.ClientSession
 ) -> None:
-    """An aiohttp upstream's request.raw_path equals the client's."""
-    sidecar = await start_sidecar(make_config(await upstream_app(echo_app())))
-    target = "/a%2Fb?x=%20&y=%2F"
-    async with http.get(URL(sidecar.url("/").rstrip("/") + target, encoded=True)) as resp:
-        assert (await resp.json())["raw_path"] == target
+    """%2F reaches an upstream that opted in, byte for byte; any other answers 400."""
+    base = await upstream_app(echo_app())
+    upstreams = [
+        {"path": "/", "url": base},
+        {"path": "/files", "url": base, "allow_encoded_slashes": True},
+    ]
+    sidecar = await start_sidecar(make_config(base, upstreams=upstreams))
+    prefix = sidecar.url("/").rstrip("/")
+    async with http.get(URL(prefix + "/files/a%2fb?x=%2F", encoded=True)) as resp:
+        assert (await resp.json())["raw_path"] == "/files/a%2Fb?x=%2F"
+    async with http.get(URL(prefix + "/a%2Fb", encoded=True)) as resp:
+        assert resp.status == 400
 
 
 # --- bodies ------------------------------------------------------------------------------

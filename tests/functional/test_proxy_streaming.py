@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import config_dict, free_port, make_config
-from tests.functional.conftest import RawClient, RawServer, raw_exchange, raw_get, read_request
+from tests.support.raw_http import RawClient, RawServer, raw_exchange, raw_get, read_request
 
 Serve = Callable[..., Awaitable[str]]
 StartSidecar = Callable[..., Awaitable[Any]]

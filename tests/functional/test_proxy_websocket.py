@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from tests.conftest import free_port, make_config
-from tests.functional.conftest import RawClient, raw_get
+from tests.support.raw_http import RawClient, raw_get
 
 Serve = Callable[..., Awaitable[str]]
 StartSidecar = Callable[..., Awaitable[Any]]

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from sidecar.upstream_http import ConnectionPool, UnsafeHeader, encode_head
 from tests.conftest import free_port
-from tests.functional.conftest import RawServer, raw_exchange, raw_get, read_request
 from tests.functional.redis_topologies import TlsFiles, make_tls
 from tests.functional.test_proxy_streaming import upstream_config
+from tests.support.raw_http import RawServer, raw_exchange, raw_get, read_request
 
 StartSidecar = Callable[..., Awaitable[Any]]
 StartRaw = Callable[..., Awaitable[tuple[RawServer, str]]]
