@@ -17,6 +17,8 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from sidecar.paths import PATH
+
 __all__ = ["REQUEST_ID", "AccessLogger", "JSONFormatter", "configure_logging", "request_id_for"]
 
 REQUEST_ID: Final = web.RequestKey("request_id", str)
@@ -68,7 +70,10 @@ def configure_logging(level: str) -> None:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """Writes method, path (without query), status, size, duration and request id."""
+    """Writes method, path (without query), status, size, duration and request id.
+
+    The path is the canonical one every decision was taken on (docs/security.md); a request
+    refused before it had one logs its raw path, cut to 256 characters."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
         self.logger.info(
@@ -76,7 +81,9 @@ class AccessLogger(AbstractAccessLogger):
             extra={
                 "request_id": request.get(REQUEST_ID, ""),
                 "method": request.method,
-                "path": request.path,
+                "path": canonical.path
+                if (canonical := request.get(PATH)) is not None
+                else request.raw_path.partition("?")[0][:256],
                 "status": response.status,
                 "bytes": response.body_length,
                 "duration_ms": round(time_ * 1000, 2),

@@ -73,6 +73,10 @@ ANONYMOUS: list[tuple[str, Expected]] = [
     ("/public-x/y", LOGIN),
     ("/PUBLIC/x", LOGIN),
     ("/admin/x", LOGIN),
+    # Only the path decides: a query that looks public changes nothing (CVE-2025-54576).
+    ("/admin/x?/public/x", LOGIN),
+    ("/admin/x?rd=/public&/public/", LOGIN),
+    ("/x?/public", LOGIN),
     ("http://evil.example/public/../admin/x", BAD),
 ]
 BOB: list[tuple[str, Expected]] = [
@@ -174,6 +178,30 @@ async def test_anonymous_path_matrix(site: Site) -> None:
     """
     failures = await matrix_failures(site.sidecar, site.upstream, None, ANONYMOUS)
     assert not failures, "\n".join(failures) + "\n" + site.upstream.describe()
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        ("User-Agent", "kube-probe/1.29"),
+        ("User-Agent", "GoogleHC/1.0"),
+        ("User-Agent", "ELB-HealthChecker/2.0"),
+        ("X-Forwarded-Uri", "/public/x"),
+        ("X-Original-URL", "/public/x"),
+    ],
+)
+async def test_no_header_makes_a_path_public(site: Site, probe: tuple[str, str]) -> None:
+    """Only the canonical path decides what is public: a health-checker's User-Agent
+    (GHSA-5hvv-m4w4-gf6v) or a rewrite header naming a public path (GHSA-7x63-xv5r-3p2x)
+    leaves `/admin/x` behind login, and nothing reaches the upstream."""
+    before = len(site.upstream.requests)
+    message = request(
+        "GET", "/admin/x", "Accept: application/json", "Connection: close", ": ".join(probe)
+    )
+    response = await raw_exchange(site.sidecar.url("/"), message)
+    await asyncio.sleep(0.01)
+    assert response.status == LOGIN
+    assert site.upstream.requests[before:] == []
 
 
 async def test_non_admin_path_matrix(site: Site) -> None:
