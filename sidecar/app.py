@@ -81,7 +81,14 @@ def build_apps(
     # Client copies of every injected header are dropped, even on public paths.
     dropped = injected_names(config.inject)
     router = Router(
-        Upstream(u, policy, metrics, drop=dropped, cookie_filter=cookies.strip)
+        Upstream(
+            u,
+            policy,
+            metrics,
+            drop=dropped,
+            cookie_filter=cookies.strip,
+            body_timeout=config.server.body_timeout,
+        )
         for u in config.upstreams
     )
     if store is None:

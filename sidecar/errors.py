@@ -4,7 +4,9 @@
     ├── ConfigError            bad configuration: names the key; exit 1, no traceback
     ├── UpstreamError          the upstream could not be reached or answered too slowly
     │   ├── UpstreamUnavailable   connection refused, reset, DNS failure   → 502
-    │   └── UpstreamTimeout       connect or read timeout                   → 504
+    │   ├── UpstreamTimeout       connect or read timeout                   → 504
+    │   └── UpstreamBusy          no pool slot within `pool_timeout`        → 503 + Retry-After
+    ├── RequestBodyTimeout     the client stopped sending its body          → 408, closed
     ├── StoreUnavailable       Redis cannot be reached                      → 503
     ├── IdPError               the identity provider failed us
     │   ├── IdPUnavailable        unreachable, timed out, 5xx, garbage       → 503
@@ -13,7 +15,7 @@
     ├── SessionEnded           refresh said invalid_grant; session deleted  → 302 / 401
     └── RefreshUnavailable     no valid token and no refresh possible now   → 503 + Retry-After
 
-One middleware maps every kind to the HTTP answer of DESIGN §6.
+One middleware (`middleware.map_errors`) maps every kind to its HTTP answer.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ __all__ = [
     "IdPUnavailable",
     "InvalidIDToken",
     "RefreshUnavailable",
+    "RequestBodyTimeout",
     "SessionEnded",
     "SidecarError",
     "StoreUnavailable",
     "TokenRequestError",
+    "UpstreamBusy",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -53,6 +57,7 @@ class UpstreamError(SidecarError):
 
     status = 502
     code = "upstream_unavailable"
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -64,6 +69,32 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
 
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamBusy(UpstreamError):
+    """Every pooled connection to the upstream stayed in use for `pool_timeout`.
+
+    Answering 503 at once beats queueing without bound: the client learns when to come back,
+    and a flood of slow requests cannot pile up waiters in the sidecar's memory.
+    """
+
+    status = 503
+    code = "upstream_busy"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, round(retry_after))
+
+
+class RequestBodyTimeout(SidecarError):
+    """The client announced a body and then sent nothing for `server.body_timeout`.
+
+    Not an upstream failure: the client's own, answered 408 (RFC 9110 §15.5.9) and the
+    connection closed, so a stalled client cannot hold a connection or an upstream slot.
+    """
+
+    status = 408
+    code = "request_timeout"
 
 
 class StoreUnavailable(SidecarError):

@@ -17,7 +17,7 @@ from aiohttp import WSMsgType, hdrs, web
 from yarl import URL
 
 from sidecar.config import UpstreamConfig
-from sidecar.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from sidecar.headers import (
     WEBSOCKET_HANDSHAKE,
     ForwardedPolicy,
@@ -29,6 +29,7 @@ from sidecar.paths import PATH, CanonicalPath
 from sidecar.upstream_http import (
     ConnectFailed,
     ConnectionPool,
+    PoolExhausted,
     UnsafeHeader,
     UpstreamResponse,
     encode_head,
@@ -58,8 +59,10 @@ class Upstream:
         *,
         drop: frozenset[str] = frozenset(),
         cookie_filter: Callable[[str], str] | None = None,
+        body_timeout: float = 30.0,
     ) -> None:
-        """`drop`: client headers never forwarded; `cookie_filter`: edits the `Cookie` header."""
+        """`drop`: client headers never forwarded; `cookie_filter`: edits the `Cookie` header;
+        `body_timeout`: longest wait for a client's next body bytes (`server.body_timeout`)."""
         self.config = config
         self.prefix = config.path
         base = URL(config.url)
@@ -80,9 +83,11 @@ class Upstream:
             base.raw_host or "",
             base.port or 80,
             tls=base.scheme == "https",
-            limit=_POOL_SIZE,
+            limit=config.max_connections,
             connect_timeout=config.connect_timeout,
             read_timeout=config.timeout,
+            pool_timeout=config.pool_timeout,
+            body_timeout=body_timeout,
         )
         self._session: aiohttp.ClientSession | None = None
 
@@ -258,7 +263,10 @@ class Upstream:
     def _error(self, exc: BaseException, during: str) -> UpstreamError:
         """Classify a client failure, count it, log it without any header or body."""
         error: UpstreamError
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, PoolExhausted):
+            kind = "pool_exhausted"
+            error = UpstreamBusy("upstream busy; try again shortly", self.config.pool_timeout)
+        elif isinstance(exc, TimeoutError):
             kind, error = "timeout", UpstreamTimeout(f"upstream timed out ({during})")
         elif isinstance(exc, UnsafeHeader):
             kind, error = "header", UpstreamError("a request header could not be sent")

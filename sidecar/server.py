@@ -3,6 +3,10 @@
 SIGTERM: `/readyz` turns 503 at once, the listener keeps serving for
 `server.shutdown_delay` (while Kubernetes removes the pod from its Service), then stops
 accepting and gives in-flight requests `server.shutdown_grace` to finish; exit 0.
+
+The main listener is `listener.Listener`: aiohttp's server with the client limits of
+docs/proxy.md ("Client timeouts and limits"); `main_runner_options` and `main_site` are the
+only places its options come from, for production and tests alike.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from sidecar.app import build_apps
 from sidecar.config import Address, Config
 from sidecar.errors import ConfigError
 from sidecar.health import READINESS, Readiness
+from sidecar.listener import Listener
 from sidecar.logging import AccessLogger
 from sidecar.supervisor import WORKER_DIR_ENV, run_workers, write_worker_status
 
-__all__ = ["main_runner_options", "run", "run_until_done", "serve"]
+__all__ = ["main_runner_options", "main_site", "run", "run_until_done", "serve"]
 
 log = logging.getLogger("sidecar")
 
@@ -52,10 +57,20 @@ async def serve(
     await management_runner.setup()
     reporter: asyncio.Task[None] | None = None
     try:
+        listen = config.server.listen
         shared = worker_slot is not None
-        await _start(main_runner, config.server.listen, "server.listen", reuse_port=shared)
+        site = main_site(main_runner, config, listen.host, listen.port, reuse_port=shared)
+        await _start(site, listen, "server.listen")
         if worker_slot is None:
-            await _start(management_runner, config.management.listen, "management.listen")
+            address = config.management.listen
+            management_site = web.TCPSite(
+                management_runner,
+                address.host,
+                address.port,
+                backlog=_BACKLOG,
+                reuse_address=True,
+            )
+            await _start(management_site, address, "management.listen")
         else:
             reporter = asyncio.create_task(_report_status(main[READINESS], worker_slot))
         # What start-up built (modules, config, routes, pools) lives as long as the process:
@@ -92,26 +107,37 @@ async def _report_status(readiness: Readiness, slot: int) -> None:
 def main_runner_options(config: Config) -> dict[str, Any]:
     """How the main listener handles connections; tests start their servers with these too."""
     access = logging.getLogger("sidecar.access")
+    server = config.server
     return {
         "access_log_class": AccessLogger,
         "access_log": access if config.logging.access_log else None,
         "handler_cancellation": True,  # a client that goes away cancels its upstream request
         "auto_decompress": False,  # bodies pass through as the client compressed them
-        "shutdown_timeout": config.server.shutdown_grace,
+        "shutdown_timeout": server.shutdown_grace,
+        "keepalive_timeout": server.keepalive_timeout,
+        # aiohttp checks the request line against max_line_size and each header line (name
+        # and value) against max_field_size: one limit for both, as nginx's buffers do.
+        "max_line_size": server.max_header_size,
+        "max_field_size": server.max_header_size,
+        "max_headers": server.max_headers,
     }
 
 
-async def _start(
-    runner: web.AppRunner, address: Address, key: str, *, reuse_port: bool = False
-) -> None:
-    site = web.TCPSite(
+def main_site(
+    runner: web.AppRunner, config: Config, host: str, port: int, *, reuse_port: bool = False
+) -> Listener:
+    """The main listener on `host:port` (0: the kernel picks), not yet started."""
+    return Listener(
         runner,
-        address.host,
-        address.port,
+        host,
+        port,
+        header_timeout=config.server.header_timeout,
         backlog=_BACKLOG,
-        reuse_address=True,
         reuse_port=reuse_port,
     )
+
+
+async def _start(site: web.BaseSite, address: Address, key: str) -> None:
     try:
         await site.start()
     except OSError as exc:

@@ -16,7 +16,12 @@ What the pool promises:
   response head once the request is sent, each body chunk, room to write the request body)
   at most `read_timeout`, by one timer per connection rather than a timeout context per wait;
 - a response body is buffered up to `_HIGH_WATER` bytes, then reading pauses until the
-  client has taken it (backpressure end to end).
+  client has taken it (backpressure end to end);
+- at most `limit` requests are in flight; a request that finds no free slot within
+  `pool_timeout` fails with `PoolExhausted` instead of queueing without bound;
+- a client that stops sending the body being forwarded fails the request with
+  `RequestBodyTimeout` after `body_timeout`, and the half-sent connection is closed, never
+  pooled (docs/proxy.md, "Client timeouts and limits").
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from typing import Any, Final, cast
 import httptools
 from aiohttp import StreamReader
 
+from sidecar.errors import RequestBodyTimeout
+
 __all__ = [
     "ConnectFailed",
     "ConnectionPool",
+    "PoolExhausted",
     "UnsafeHeader",
     "UpstreamClosed",
     "UpstreamProtocolError",
@@ -54,6 +62,10 @@ class ConnectFailed(OSError):
     """No connection could be opened (refused, unreachable, TLS handshake failed)."""
 
 
+class PoolExhausted(TimeoutError):
+    """Every connection slot stayed in use for `pool_timeout`: the upstream is saturated."""
+
+
 class UpstreamClosed(ConnectionError):
     """The upstream closed the connection before the response was complete."""
 
@@ -63,7 +75,7 @@ class UpstreamProtocolError(ConnectionError):
 
 
 class UnsafeHeader(ValueError):
-    """A header value holds a line break: sending it would split the request."""
+    """A header value holds a line break or NUL: sending it would split the request."""
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
@@ -72,8 +84,8 @@ def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) ->
     lines.extend([f"{name}: {value}" for name, value in headers])
     text = "\r\n".join(lines) + "\r\n\r\n"
     breaks = len(lines) + 1  # two C-speed scans instead of one check per header
-    if text.count("\n") != breaks or text.count("\r") != breaks:
-        raise UnsafeHeader("a request header holds a line break")
+    if text.count("\n") != breaks or text.count("\r") != breaks or "\x00" in text:
+        raise UnsafeHeader("a request header holds a line break or NUL")
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -380,12 +392,16 @@ class ConnectionPool:
         limit: int,
         connect_timeout: float,
         read_timeout: float,
+        pool_timeout: float = 5.0,
+        body_timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.port = port
         self.read_timeout = read_timeout
         self._ssl = ssl.create_default_context() if tls else None
         self._connect_timeout = connect_timeout
+        self._pool_timeout = pool_timeout
+        self._body_timeout = body_timeout
         self._slots = asyncio.Semaphore(limit)
         self._idle: deque[_Connection] = deque()
         self._busy: set[_Connection] = set()
@@ -400,9 +416,19 @@ class ConnectionPool:
     ) -> UpstreamResponse:
         """Send one request (`head` from `encode_head`) and return its answer's head.
 
-        Raises `ConnectFailed`, `TimeoutError`, `UpstreamClosed` or `UpstreamProtocolError`.
+        Raises `ConnectFailed`, `PoolExhausted`, `TimeoutError`, `UpstreamClosed`,
+        `UpstreamProtocolError`, or `RequestBodyTimeout` when the client stalls its body.
         """
-        await self._slots.acquire()  # released by the response's release(), or here
+        # Released by the response's release(), or below. The timeout context is paid for
+        # only when every slot is taken; a free slot is taken at once.
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolExhausted("no free connection to the upstream") from None
+        else:
+            await self._slots.acquire()
         try:
             conn = await self._connection()
             try:
@@ -488,7 +514,7 @@ class ConnectionPool:
             except BaseException:
                 conn.close()
                 raise
-        sending = asyncio.ensure_future(_send_body(conn, body, chunked))
+        sending = asyncio.ensure_future(_send_body(conn, body, chunked, self._body_timeout))
         try:
             either: set[asyncio.Future[Any]] = {sending, answer}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -507,11 +533,22 @@ class ConnectionPool:
             raise
 
 
-async def _send_body(conn: _Connection, body: StreamReader, chunked: bool) -> None:
-    """Copy the client's body upstream, in chunked framing when its length is unknown."""
-    async for data in body.iter_any():
+async def _send_body(
+    conn: _Connection, body: StreamReader, chunked: bool, body_timeout: float
+) -> None:
+    """Copy the client's body upstream, in chunked framing when its length is unknown.
+
+    Each wait for the client's next bytes lasts at most `body_timeout`; bytes already
+    buffered are taken without a wait, so a timer is only set when the client is behind.
+    """
+    while True:
+        data = body.read_nowait()
         if not data:
-            continue
+            if body.is_eof():
+                break
+            data = await _next_body_bytes(body, body_timeout)
+            if not data:
+                break
         if chunked:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -520,3 +557,12 @@ async def _send_body(conn: _Connection, body: StreamReader, chunked: bool) -> No
     if chunked:
         conn.write(b"0\r\n\r\n")
     conn.sent()
+
+
+async def _next_body_bytes(body: StreamReader, limit: float) -> bytes:
+    """The client's next body bytes (b"" at the end), or `RequestBodyTimeout` after `limit`."""
+    try:
+        async with asyncio.timeout(limit):
+            return await body.readany()
+    except TimeoutError:
+        raise RequestBodyTimeout("the client stopped sending the request body") from None

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.app import build_apps
 from sidecar.config import Config
-from sidecar.server import main_runner_options
+from sidecar.server import main_runner_options, main_site
 
 TEST_KEY = base64.b64encode(b"k" * 32).decode()
 
@@ -90,10 +90,11 @@ def make_config(upstream_url: str = "http://127.0.0.1:9", **sections: Any) -> Co
 
 
 class Sidecar:
-    """The in-process sidecar, run by an `AppRunner` with exactly production's runner options.
+    """The in-process sidecar: production's runner options and main listener (`main_site`).
 
     Not aiohttp's `TestServer`: it forces `handler_cancellation=True`, so a test through it
-    would pass even if production stopped cancelling the handlers of departed clients.
+    would pass even if production stopped cancelling the handlers of departed clients; and
+    its plain TCP site would skip the listener's head deadline and parse-error answers.
     """
 
     __test__ = False
@@ -106,7 +107,7 @@ class Sidecar:
         self._base = self._management_base = ""
 
     async def start(self) -> None:
-        self._base = await _start_on_free_port(self._main)
+        self._base = await _start_on_free_port(self._main, self.config)
         self._management_base = await _start_on_free_port(self._management)
 
     async def close(self) -> None:
@@ -120,10 +121,17 @@ class Sidecar:
         return self._management_base + path
 
 
-async def _start_on_free_port(runner: web.AppRunner) -> str:
-    """Bind port 0 directly: the kernel's pick is ours at once, nothing can take it first."""
+async def _start_on_free_port(runner: web.AppRunner, config: Config | None = None) -> str:
+    """Bind port 0 directly: the kernel's pick is ours at once, nothing can take it first.
+
+    With `config`, the site is the main listener, exactly as `server.serve` starts it.
+    """
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site: web.BaseSite
+    if config is None:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+    else:
+        site = main_site(runner, config, "127.0.0.1", 0)
     await site.start()
     server = site._server
     assert isinstance(server, asyncio.Server)
