@@ -312,7 +312,7 @@ class LoginConfig(_Section):
     rate_per_minute: float = Field(
         60.0, ge=0, description="/oauth2/start per client IP and process; 0 = no limit"
     )
-    burst: int = Field(20, ge=1, description="/oauth2/start calls a client IP may make at once")
+    burst: int = Field(50, ge=1, description="/oauth2/start calls a client IP may make at once")
 
 
 class InjectConfig(_Section):

@@ -80,14 +80,14 @@ async def test_flood_from_one_address_stores_at_most_burst(
 async def test_default_rate_refills_one_a_second(
     start_sidecar: Any, upstream_app: Any, http: aiohttp.ClientSession
 ) -> None:
-    """With the defaults (60/min, burst 20) a flood gets 20 plus one per second elapsed,
+    """With the defaults (60/min, burst 50) a flood gets 50 plus one per second elapsed,
     and is told to come back in 1 s."""
     sc = await flood_sidecar(start_sidecar, upstream_app)
     began = time.monotonic()
     answers = await starts(http, sc, 200)
     elapsed = time.monotonic() - began
     allowed = sum(r.status == 302 for r in answers)
-    assert 20 <= allowed <= 20 + int(elapsed) + 1
+    assert 50 <= allowed <= 50 + int(elapsed) + 1
     assert all(r.status in (302, 429) for r in answers)
     assert {r.headers["Retry-After"] for r in answers if r.status == 429} == {"1"}
     assert pending(sc) == allowed
