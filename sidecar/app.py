@@ -139,6 +139,9 @@ def build_apps(
     main[LOGIN_LIMITER] = ClientRateLimiter.for_logins(config.login, policy)
     main[ADMISSION] = Admission(config.access, config.inject)
     main[PUBLIC] = PathPrefixes(config.public_paths)
+    # A route every origin-form path matches, never called: without one, aiohttp builds a
+    # 404 exception for each request before the dispatcher (the last middleware) runs.
+    main.router.add_route("*", "/{tail:.*}", proxy)
     main.cleanup_ctx.append(_upstream_pools)
     main.cleanup_ctx.append(_session_store)
     main.cleanup_ctx.append(_identity_provider)
