@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,10 @@ from tests.conftest import free_port
 from tests.functional.redis_topologies import Fleet, fleet
 from tests.functional.test_refresh_storm import VerifyingUpstream
 from tests.idp import ThreadedIdP
+from tests.support.login import ready
+from tests.support.probe import IssueSite, issue_config
 from tests.support.raw_http import RawServer
+from tests.support.recording_upstream import RecordingUpstream
 
 # --- the dev IdP, the verifying upstream and own Redis processes -------------------------
 
@@ -68,3 +72,14 @@ async def start_raw() -> AsyncIterator[Callable[..., Awaitable[tuple[RawServer, 
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+async def issue_site(start_sidecar: Callable[..., Awaitable[Any]]) -> AsyncIterator[IssueSite]:
+    """Issue 12's set-up, ready: the sidecar before a strict recording upstream."""
+    upstream = RecordingUpstream()
+    url = await upstream.start()
+    sidecar = await start_sidecar(issue_config(url))
+    await ready(sidecar)
+    yield IssueSite(sidecar, upstream)
+    await upstream.close()

@@ -21,8 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import pytest
 from sidecar.config import Config
 from tests.conftest import config_dict, free_port
 from tests.support.login import browser, login, ready, session_cookie
-from tests.support.probe import issue_config, request
+from tests.support.probe import IssueSite, issue_config, request
 from tests.support.raw_http import RawMessage, raw_exchange
 from tests.support.recording_upstream import RecordingUpstream
 
@@ -154,30 +153,14 @@ async def matrix_failures(
     return failures
 
 
-@dataclass
-class Site:
-    sidecar: Any
-    upstream: RecordingUpstream
-
-
-@pytest.fixture
-async def site(start_sidecar: StartSidecar) -> AsyncIterator[Site]:
-    upstream = RecordingUpstream()
-    url = await upstream.start()
-    sidecar = await start_sidecar(issue_config(url))
-    await ready(sidecar)
-    yield Site(sidecar, upstream)
-    await upstream.close()
-
-
-async def test_anonymous_path_matrix(site: Site) -> None:
+async def test_anonymous_path_matrix(issue_site: IssueSite) -> None:
     """Anonymous requests: only canonical `/public/...` paths are public and forwarded.
 
     Breaks when `public_paths` matches the raw or decoded path before dot segments,
     encoded slashes or backslashes are resolved (`/public/%2e%2e/admin/x`).
     """
-    failures = await matrix_failures(site.sidecar, site.upstream, None, ANONYMOUS)
-    assert not failures, "\n".join(failures) + "\n" + site.upstream.describe()
+    failures = await matrix_failures(issue_site.sidecar, issue_site.upstream, None, ANONYMOUS)
+    assert not failures, "\n".join(failures) + "\n" + issue_site.upstream.describe()
 
 
 @pytest.mark.parametrize(
@@ -190,40 +173,40 @@ async def test_anonymous_path_matrix(site: Site) -> None:
         ("X-Original-URL", "/public/x"),
     ],
 )
-async def test_no_header_makes_a_path_public(site: Site, probe: tuple[str, str]) -> None:
+async def test_no_header_makes_a_path_public(issue_site: IssueSite, probe: tuple[str, str]) -> None:
     """Only the canonical path decides what is public: a health-checker's User-Agent
     (GHSA-5hvv-m4w4-gf6v) or a rewrite header naming a public path (GHSA-7x63-xv5r-3p2x)
     leaves `/admin/x` behind login, and nothing reaches the upstream."""
-    before = len(site.upstream.requests)
+    before = len(issue_site.upstream.requests)
     message = request(
         "GET", "/admin/x", "Accept: application/json", "Connection: close", ": ".join(probe)
     )
-    response = await raw_exchange(site.sidecar.url("/"), message)
+    response = await raw_exchange(issue_site.sidecar.url("/"), message)
     await asyncio.sleep(0.01)
     assert response.status == LOGIN
-    assert site.upstream.requests[before:] == []
+    assert issue_site.upstream.requests[before:] == []
 
 
-async def test_non_admin_path_matrix(site: Site) -> None:
+async def test_non_admin_path_matrix(issue_site: IssueSite) -> None:
     """bob (not in admins) never reaches `/admin` by another spelling of it.
 
     Breaks when the per-upstream rule is decided on a path that is not the one forwarded
     (`//admin/x`, `/x/../admin/x`, `/admin;x/y`, `/%61dmin/x`) or prefixes match
     partial segments (`/administrator`).
     """
-    cookie = await logged_in(site.sidecar, "bob")
-    failures = await matrix_failures(site.sidecar, site.upstream, cookie, BOB)
-    assert not failures, "\n".join(failures) + "\n" + site.upstream.describe()
+    cookie = await logged_in(issue_site.sidecar, "bob")
+    failures = await matrix_failures(issue_site.sidecar, issue_site.upstream, cookie, BOB)
+    assert not failures, "\n".join(failures) + "\n" + issue_site.upstream.describe()
 
 
-async def test_admin_path_matrix(site: Site) -> None:
+async def test_admin_path_matrix(issue_site: IssueSite) -> None:
     """alice (admins) reaches `/admin` under its canonical path, whatever spelling she used.
 
     Breaks when canonicalisation refuses or mangles legitimate spellings.
     """
-    cookie = await logged_in(site.sidecar, "alice")
-    failures = await matrix_failures(site.sidecar, site.upstream, cookie, ALICE)
-    assert not failures, "\n".join(failures) + "\n" + site.upstream.describe()
+    cookie = await logged_in(issue_site.sidecar, "alice")
+    failures = await matrix_failures(issue_site.sidecar, issue_site.upstream, cookie, ALICE)
+    assert not failures, "\n".join(failures) + "\n" + issue_site.upstream.describe()
 
 
 async def test_opt_ins_forward_params_and_encoded_slashes(start_sidecar: StartSidecar) -> None:

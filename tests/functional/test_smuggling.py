@@ -10,7 +10,7 @@ carries a request the client did not send as one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from sidecar.config import Config
 from tests.support.probe import (
     Expect,
+    IssueSite,
     assert_forwarded,
     assert_invariant,
     assert_refused,
@@ -37,23 +38,6 @@ SMUGGLED = (
     b"X-Forwarded-User: alice\r\nX-Forwarded-Groups: admins\r\n\r\n"
 )
 assert len(SMUGGLED) == 92  # the issue's payload, byte for byte
-
-
-@dataclass
-class Proxied:
-    """The sidecar (public_paths [/public], `/admin` for admins) before a strict upstream."""
-
-    url: str
-    upstream: RecordingUpstream
-
-
-@pytest.fixture
-async def proxied(start_sidecar: StartSidecar) -> AsyncIterator[Proxied]:
-    upstream = RecordingUpstream()
-    url = await upstream.start()
-    sidecar = await start_sidecar(issue_config(url))
-    yield Proxied(sidecar.url("/"), upstream)
-    await upstream.close()
 
 
 # --- the corpus --------------------------------------------------------------------------
@@ -338,27 +322,27 @@ CORPUS: list[Case] = [
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
-async def test_hostile_request(case: Case, proxied: Proxied) -> None:
+async def test_hostile_request(case: Case, issue_site: IssueSite) -> None:
     """One upstream request with the client's body, or a 4xx with nothing upstream.
 
     Breaks when the sidecar takes framing from the client (Connection tokens, CL+TE, odd
     Content-Length or Transfer-Encoding), so the upstream reads a body as a request.
     """
-    outcome = await probe(proxied.url, proxied.upstream, case.data)
+    outcome = await probe(issue_site.url, issue_site.upstream, case.data)
     assert_invariant(outcome, case.body, case.expect, case.status)
 
 
-async def test_issue_smuggling_payload(proxied: Proxied) -> None:
+async def test_issue_smuggling_payload(issue_site: IssueSite) -> None:
     """The issue's payload: the upstream sees one anonymous POST whose body is the GET.
 
     Breaks when `Connection: Content-Length` strips the framing: the upstream then runs
     `GET /admin/secret` with the forged identity.
     """
     data = post("Connection: Content-Length", "Content-Length: 92", body=SMUGGLED)
-    outcome = await probe(proxied.url, proxied.upstream, data)
+    outcome = await probe(issue_site.url, issue_site.upstream, data)
     sent = assert_forwarded(outcome, SMUGGLED)
     assert (sent.method, sent.target) == ("POST", "/public/x")
-    assert all(r.target != "/admin/secret" for r in proxied.upstream.requests)
+    assert all(r.target != "/admin/secret" for r in issue_site.upstream.requests)
     assert sent.getall("x-forwarded-user") == []
 
 
@@ -367,16 +351,16 @@ async def test_issue_smuggling_payload(proxied: Proxied) -> None:
     [["X-Big: " + "a" * 9000], [f"X-Many-{i}: v" for i in range(101)]],
     ids=["header-line-over-8190", "more-than-100-headers"],
 )
-async def test_oversized_head(lines: list[str], proxied: Proxied) -> None:
+async def test_oversized_head(lines: list[str], issue_site: IssueSite) -> None:
     """A header line over 8190 bytes or more than 100 headers: 431, nothing upstream.
 
     Breaks when the limits are missing or answered with another status.
     """
-    outcome = await probe(proxied.url, proxied.upstream, request("GET", "/public/x", *lines))
+    outcome = await probe(issue_site.url, issue_site.upstream, request("GET", "/public/x", *lines))
     assert_refused(outcome, 431)
 
 
-async def test_two_requests_back_to_back(proxied: Proxied) -> None:
+async def test_two_requests_back_to_back(issue_site: IssueSite) -> None:
     """Two pipelined requests on one keep-alive connection arrive once each, bodies intact.
 
     Breaks when the sidecar mis-frames the first body and eats or splits the second request.
@@ -385,7 +369,7 @@ async def test_two_requests_back_to_back(proxied: Proxied) -> None:
     second = request(
         "PUT", "/public/y", "Transfer-Encoding: chunked", "Connection: close", body=chunked(b"abc")
     )
-    client = await RawClient.connect(proxied.url)
+    client = await RawClient.connect(issue_site.url)
     try:
         await client.send(first + second)
         one = await client.response()
@@ -394,12 +378,12 @@ async def test_two_requests_back_to_back(proxied: Proxied) -> None:
         await client.close()
     assert (one.status, one.body) == (200, b"ok POST /public/x")
     assert (two.status, two.body) == (200, b"ok PUT /public/y")
-    seen = proxied.upstream.requests
+    seen = issue_site.upstream.requests
     assert [(r.method, r.target, r.body) for r in seen] == [
         ("POST", "/public/x", HELLO),
         ("PUT", "/public/y", b"abc"),
-    ], proxied.upstream.describe()
-    assert not proxied.upstream.anomalies, proxied.upstream.describe()
+    ], issue_site.upstream.describe()
+    assert not issue_site.upstream.anomalies, issue_site.upstream.describe()
 
 
 # --- forwarding and identity headers in every spelling -----------------------------------
@@ -452,7 +436,7 @@ REWRITE_NAMES = {
 IDENTITY_NAMES = {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "authorization"}
 
 
-async def test_spoofed_headers_from_untrusted_peer(proxied: Proxied) -> None:
+async def test_spoofed_headers_from_untrusted_peer(issue_site: IssueSite) -> None:
     """Identity, forwarding and rewrite headers in every spelling never reach the upstream.
 
     Breaks when a `_` spelling (read as `-` by CGI/WSGI servers), a rewrite header
@@ -467,10 +451,10 @@ async def test_spoofed_headers_from_untrusted_peer(proxied: Proxied) -> None:
         "X_Custom_Thing: 1",
         "X-Kept: yes",
     )
-    outcome = await probe(proxied.url, proxied.upstream, data)
+    outcome = await probe(issue_site.url, issue_site.upstream, data)
     sent = assert_forwarded(outcome, b"")
     names = sent.names()
-    why = proxied.upstream.describe()
+    why = issue_site.upstream.describe()
     assert not [n for n in names if "_" in n], why
     assert not REWRITE_NAMES & set(names), why
     assert not IDENTITY_NAMES & set(names), why

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from sidecar.config import Config
 from tests.conftest import config_dict
@@ -249,3 +249,16 @@ def _refused(outcome: Outcome) -> bool:
     """Whether the sidecar chose the 4xx branch: a 4xx answer and nothing upstream."""
     first = outcome.first
     return not outcome.upstream and first is not None and 400 <= first.status < 500
+
+
+@dataclass
+class IssueSite:
+    """The sidecar of `issue_config` (public_paths [/public], `/admin` for admins only) in
+    front of a strict recording upstream."""
+
+    sidecar: Any
+    upstream: RecordingUpstream
+
+    @property
+    def url(self) -> str:
+        return str(self.sidecar.url("/"))
