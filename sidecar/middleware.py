@@ -21,7 +21,7 @@ from sidecar.errors import (
 )
 from sidecar.logging import REQUEST_ID, request_id_for
 from sidecar.login import unauthenticated
-from sidecar.responses import error_response
+from sidecar.responses import answer_and_close, error_response
 
 __all__ = ["map_errors", "observe"]
 
@@ -68,7 +68,7 @@ async def map_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         retry = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
         return error_response(request, exc.status, exc.code, str(exc), headers=retry)
     except RequestBodyTimeout as exc:
-        return await _close_after(
+        return await answer_and_close(
             request,
             error_response(request, exc.status, exc.code, "the request body stopped arriving"),
         )
@@ -96,20 +96,6 @@ async def map_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except SidecarError:
         log.exception("request failed")
         return error_response(request, 500, "internal_error", "the sidecar failed")
-
-
-async def _close_after(request: web.Request, response: web.Response) -> web.Response:
-    """Send `response`, then close the connection at once.
-
-    aiohttp would otherwise linger up to 10 s reading the rest of an unfinished body, which
-    a stalled client never sends: the connection would outlive the timeout that ended it.
-    """
-    response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
-    if request.transport is not None:
-        request.transport.close()  # flushes what was written, then closes
-    return response
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

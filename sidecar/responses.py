@@ -11,7 +11,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-__all__ = ["error_response", "is_navigation"]
+__all__ = ["answer_and_close", "error_response", "is_navigation"]
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{status} {title}</title></head>
@@ -74,3 +74,16 @@ def error_response(
         content_type="application/json",
         headers=extra,
     )
+
+
+async def answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection at once, reading nothing more from it.
+
+    For a request whose framing is in doubt (RFC 9112 §6.3) or whose body stalled: aiohttp
+    would otherwise linger up to 10 s reading the rest of a body that may never come.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # closes the transport after what was written
+    return response

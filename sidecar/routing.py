@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 from sidecar.appkeys import ROUTE
 from sidecar.headers import AUTHORITY
 from sidecar.paths import PATH, BadPath, canonical_path
-from sidecar.responses import error_response
+from sidecar.responses import answer_and_close, error_response
 
 __all__ = ["Dispatcher"]
 
@@ -69,15 +69,9 @@ class Dispatcher:
 
 
 async def _refuse(request: web.Request, problem: str) -> web.StreamResponse:
-    """400, then the connection closes at once: after a request whose framing or target is
-    in doubt, nothing more is read from it (RFC 9112 §6.3), not even a lingering body."""
+    """400, and nothing more is read from the connection (sidecar/responses.py)."""
     request[ROUTE] = "refused"
-    response = error_response(request, 400, "bad_request", problem)
-    response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
-    request.protocol.force_close()
-    return response
+    return await answer_and_close(request, error_response(request, 400, "bad_request", problem))
 
 
 def _framing_problem(request: web.BaseRequest) -> str | None:
