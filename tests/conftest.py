@@ -22,6 +22,8 @@ from aiohttp.test_utils import TestServer
 from sidecar.app import build_apps
 from sidecar.config import Config
 from sidecar.server import main_runner_options, main_site
+from sidecar.session import MemorySessionStore, RedisSessionStore
+from sidecar.session.store import SessionStore
 
 TEST_KEY = base64.b64encode(b"k" * 32).decode()
 
@@ -279,3 +281,14 @@ async def redis_prefix() -> AsyncIterator[str]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[SessionStore]:
+    """Each session store in turn: the memory one, and Redis under the test's own prefix."""
+    if request.param == "memory":
+        yield MemorySessionStore()
+        return
+    redis_store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
+    yield redis_store
+    await redis_store.close()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as redis
 
 from sidecar.config import SessionConfig
@@ -28,16 +26,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[SessionStore]:
-    if request.param == "memory":
-        yield MemorySessionStore()
-        return
-    s = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
-    yield s
-    await s.close()
 
 
 async def test_browser_keeps_its_newest_logins(store: SessionStore) -> None:
@@ -167,7 +155,7 @@ async def test_redis_list_key_holds_no_binding(redis_prefix: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     try:
         binding = "ab" * 32
-        await sessions.put_login("state", PendingLogin("v", "n", "/", binding, time.time()))
+        await sessions.put_login("state", PendingLogin("v", "n", "/", binding, time.time()), keep=5)
         keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:logins:*")]
         assert keys == [f"{redis_prefix}:logins:{{{session_hash(binding)}}}".encode()]
     finally:

@@ -12,7 +12,6 @@ import redis.asyncio as redis
 from sidecar.config import SessionConfig
 from sidecar.session import (
     Keyring,
-    MemorySessionStore,
     PendingLogin,
     RedisSessionStore,
     SealError,
@@ -112,16 +111,6 @@ def test_session_ids_and_hashes() -> None:
     assert session_hash(sid) == session_hash(sid) != sid
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_prefix: str):  # type: ignore[no-untyped-def]
-    if request.param == "memory":
-        yield MemorySessionStore()
-        return
-    s = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
-    yield s
-    await s.close()
-
-
 class TestManager:
     async def test_create_load_delete(self, store) -> None:  # type: ignore[no-untyped-def]
         """A created session loads back equal, and is gone after delete."""
@@ -175,7 +164,7 @@ class TestManager:
         """A pending login is returned once; the second take finds nothing."""
         sessions = SessionManager(store, Keyring.from_base64([KEY_A]), session_config())
         login = PendingLogin("verifier", "nonce", "/back", "hash", time.time())
-        await sessions.put_login("state-1", login)
+        await sessions.put_login("state-1", login, keep=5)
         assert await sessions.take_login("state-2") is None
         assert await sessions.take_login("state-1") == login
         assert await sessions.take_login("state-1") is None
@@ -186,7 +175,9 @@ async def test_redis_holds_no_plaintext(redis_prefix: str) -> None:
     store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
     sessions = SessionManager(store, Keyring.from_base64([KEY_A]), session_config())
     created = await sessions.create(record())
-    await sessions.put_login("some-state", PendingLogin("verif-xyz", "n", "/", "h", time.time()))
+    await sessions.put_login(
+        "some-state", PendingLogin("verif-xyz", "n", "/", "h", time.time()), keep=5
+    )
     client = redis.Redis.from_url(REDIS_URL)
     dump = b""
     async for key in client.scan_iter(match=f"{redis_prefix}:*"):

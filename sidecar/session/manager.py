@@ -25,19 +25,11 @@ from sidecar.session.crypto import Keyring, SealError
 from sidecar.session.record import Session, SessionRecord, new_session_id, session_hash
 from sidecar.session.store import SessionStore
 
-__all__ = [
-    "LOGIN_TTL",
-    "MAX_PENDING_PER_BROWSER",
-    "PendingLogin",
-    "Session",
-    "SessionManager",
-    "subject_key",
-]
+__all__ = ["LOGIN_TTL", "PendingLogin", "Session", "SessionManager", "subject_key"]
 
 log = logging.getLogger("sidecar.session")
 
 LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (DESIGN §4)
-MAX_PENDING_PER_BROWSER: Final = 5  # the default of `login.max_pending_per_browser`
 _SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _TOUCH_MEMORY: Final = 100_000  # sessions whose last idle-timeout touch time is remembered
 _FEED_RETRY: Final = 0.5  # seconds before following the change feed again after it failed
@@ -271,9 +263,7 @@ class SessionManager:
     def _seal(self, session_id: str, h: str, record: SessionRecord) -> bytes:
         return self._keyring.seal(session_id.encode(), h.encode(), record.to_bytes())
 
-    async def put_login(
-        self, state: str, login: PendingLogin, keep: int = MAX_PENDING_PER_BROWSER
-    ) -> int:
+    async def put_login(self, state: str, login: PendingLogin, keep: int) -> int:
         """Store `login` for `state`; only its browser's newest `keep` stay usable.
 
         Returns how many older pending logins of the browser were dropped.

@@ -154,7 +154,7 @@ class MemorySessionStore:
                 return
             self._drop_login(key)
 
-    def _drop_login(self, key: str) -> tuple[bytes | None, float, str] | None:
+    def _drop_login(self, key: str) -> None:
         entry = self._logins.pop(key, None)
         if entry is not None:
             pending = self._browsers.get(entry[2])
@@ -162,7 +162,6 @@ class MemorySessionStore:
                 pending.pop(key, None)
                 if not pending:
                     del self._browsers[entry[2]]
-        return entry
 
     async def ping(self) -> None:
         return None
