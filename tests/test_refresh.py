@@ -24,8 +24,9 @@ from sidecar.oidc import TokenResponse
 from sidecar.refresh import MemoryLocks, RedisLocks, refresh_window
 from sidecar.refresh import protocol as refresh_protocol
 from sidecar.session import SessionManager, SessionRecord, session_hash
-from tests.conftest import REDIS_URL, TEST_KEY, free_port, make_config
+from tests.conftest import REDIS_URL, free_port, make_config
 from tests.idp import CLIENT_ID, CLIENT_SECRET, ThreadedIdP
+from tests.support.stores import store_sections
 
 LOGIN_TTL = 2  # seconds; the JWT exp is rounded down, so the real lifetime is 1-2 s
 LATER_TTL = 60
@@ -79,20 +80,6 @@ def echo_app() -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
-
-
-def store_sections(kind: str, prefix: str) -> Json:
-    if kind == "memory":
-        return {}
-    return {
-        "session": {
-            "store": "redis",
-            "cookie_name": "sidecar",
-            "cookie_secure": False,
-            "encryption_keys": [TEST_KEY],
-        },
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
-    }
 
 
 @pytest.fixture(params=["memory", "redis"])

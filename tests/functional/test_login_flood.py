@@ -14,8 +14,9 @@ from yarl import URL
 from sidecar.appkeys import SESSIONS
 from sidecar.config import Config
 from sidecar.session import MemorySessionStore
-from tests.conftest import REDIS_URL, TEST_KEY, config_dict
+from tests.conftest import REDIS_URL, config_dict
 from tests.support.login import HTML, JSON, browser, echo_app, get_json, local, ready
+from tests.support.stores import store_sections
 
 START = "/oauth2/start?rd=/x"
 
@@ -136,25 +137,13 @@ async def test_trusted_proxy_forwarded_clients_have_own_buckets(
     assert pending(sc) == 7
 
 
-def redis_sections(prefix: str) -> dict[str, Any]:
-    return {
-        "session": {
-            "store": "redis",
-            "cookie_name": "sidecar",
-            "cookie_secure": False,
-            "encryption_keys": [TEST_KEY],
-        },
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
-    }
-
-
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_sixth_login_in_one_browser_drops_the_first(
     start_sidecar: Any, upstream_app: Any, redis_prefix: str, store: str
 ) -> None:
     """Six starts with one login cookie: the first state fails at the callback, the newest
     logs in; only five pending logins were ever held for the browser."""
-    sections = redis_sections(redis_prefix) if store == "redis" else {}
+    sections = store_sections(store, redis_prefix)
     sc = await flood_sidecar(start_sidecar, upstream_app, **sections)
     async with browser() as s:
         authorizations = []
