@@ -24,6 +24,7 @@ from sidecar.config import Config
 from sidecar.server import main_runner_options, main_site
 from sidecar.session import MemorySessionStore, RedisSessionStore
 from sidecar.session.store import SessionStore
+from tests.support.processes import stop_process
 
 TEST_KEY = base64.b64encode(b"k" * 32).decode()
 
@@ -234,12 +235,7 @@ class SidecarProcess:
 
     def stop(self) -> int:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 30)
         self._log.close()
         return self.proc.returncode
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import stop_process
+
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parent.parent
 PROVIDER_SCRIPT = E2E_DIR / "provider.mjs"
@@ -61,12 +63,7 @@ class ProviderHandle:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 10)
 
 
 def _require_node() -> str:

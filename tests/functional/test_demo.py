@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import console_script, free_port
+from tests.support.processes import stop_process
 
 NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
 COOKIE = "sidecar_demo"
@@ -55,12 +56,7 @@ def demo(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     try:
         yield port, out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 15)
 
 
 def output(path: Path) -> str:

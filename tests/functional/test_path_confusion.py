@@ -31,6 +31,7 @@ from sidecar.config import Config
 from tests.conftest import config_dict, free_port
 from tests.support.login import browser, login, ready, session_cookie
 from tests.support.probe import IssueSite, issue_config, request
+from tests.support.processes import stop_process
 from tests.support.raw_http import RawMessage, raw_exchange
 from tests.support.recording_upstream import RecordingUpstream
 
@@ -320,12 +321,7 @@ def nginx(tmp_path: Path) -> Iterator[str]:
         wait_listening(proc, port, root)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         log.close()
 
 
