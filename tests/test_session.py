@@ -279,9 +279,10 @@ async def test_redis_layout_is_one_compact_string(redis_prefix: str) -> None:
 
         await store.mark_attempt(created.h, 123.5)
         assert await store.attempt_mark(created.h) == 123.5
-        # The key's TTL read first: read second, it could have lost a millisecond meanwhile.
+        # As long as the record, not longer. Redis rounds each PTTL to the millisecond on its
+        # own clock reading, so the two may differ by a millisecond or two either way.
         key_ttl = await client.pttl(key)
-        assert 0 < await client.pttl(mark) <= key_ttl
+        assert 0 < await client.pttl(mark) <= key_ttl + 5
         assert await sessions.save(created, created.record.evolve(version=2))
         assert not await client.exists(mark)  # a fenced write clears it
         await store.mark_attempt(created.h, 124.0)
