@@ -379,10 +379,13 @@ def start_sidecar(
     workers: int,
     prefix: str,
     source: Path | None = None,
+    launcher: tuple[str, ...] = (),
+    start_timeout: float = 30,
     **session_options: Any,
 ) -> Sidecar:
     """`source`: a checkout whose `sidecar` package runs instead of this one (`-m` imports
-    from the working directory first)."""
+    from the working directory first). `launcher`: a command the interpreter runs under
+    (bench/instructions.py uses valgrind's callgrind)."""
     import yaml
 
     key = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -413,10 +416,10 @@ def start_sidecar(
     config["redis"] = {"url": REDIS_URL, "key_prefix": prefix}
     path = procs.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(path)]
+    argv = [*launcher, sys.executable, "-m", "sidecar", "run", "--config", str(path)]
     proc = procs.start(name, argv, cwd=source)
     try:
-        wait_http(f"http://{HOST}:{mport}/readyz", timeout=30, proc=proc)
+        wait_http(f"http://{HOST}:{mport}/readyz", timeout=start_timeout, proc=proc)
     except (RuntimeError, TimeoutError) as e:
         raise RuntimeError(f"{name} did not start: {e}\n{procs.log(name)}") from e
     return Sidecar(name, base, f"http://{HOST}:{mport}", proc, key)

@@ -221,9 +221,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         request[ROUTE] = "unrouted"
         return error_response(request, 404, "no_upstream", "no upstream serves this path")
     request[ROUTE] = upstream.prefix
-    refusal = upstream.refuses(target)
-    if refusal is not None:
-        return error_response(request, 400, "bad_request", refusal)
+    if target.encoded_slash or target.params:
+        refusal = upstream.refuses(target)
+        if refusal is not None:
+            return error_response(request, 400, "bad_request", refusal)
     extra = [("X-Request-Id", request[REQUEST_ID])]
     if target.path in request.app[PUBLIC]:
         return await upstream.forward(request, extra)

@@ -4,8 +4,8 @@ answers to heads that cannot be parsed (docs/proxy.md, "Client timeouts and limi
 aiohttp bounds a request head only by its keep-alive timer, so a client that trickles a head
 one byte at a time holds its connection for as long as it likes (slowloris). Here a head must
 be complete within `server.header_timeout` of its start: the connection being opened, or the
-first byte after the previous response (bytes pipelined during that response count from its
-end). Bytes that trickle in do not move the deadline.
+first byte after the previous response (bytes pipelined before that response count from
+its end, noticed within a second). Bytes that trickle in do not move the deadline.
 
 On a head it cannot parse, aiohttp answers 400 with a body that quotes the offending bytes,
 and logs them with a traceback: a Cookie header can end up in both. Here an oversized
@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from sidecar.responses import error_response
@@ -34,6 +33,8 @@ __all__ = ["GuardedRequestHandler", "Listener"]
 log = logging.getLogger("sidecar")
 
 _END: Final = b"\r\n\r\n"  # the end of a head, of a chunked body, of trailers
+# A head pipelined behind unanswered requests gets its deadline at most this late.
+_PIPELINE_POLL: Final = 1.0
 
 _TIMEOUT_BODY: Final = json.dumps(
     {"error": "request_timeout", "message": "the request head took too long"}
@@ -51,14 +52,13 @@ _HEAD_TIMED_OUT: Final = (
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's connection handler with a whole-head deadline and non-echoing parse errors.
 
-    One timer per connection, re-armed lazily like aiohttp's keep-alive timer: a head start
-    only records the time, and a timer that fires early for a finished head re-arms itself
-    for the current one. The per-read cost is a few attribute checks.
+    One timer per connection, re-armed lazily like aiohttp's keep-alive timer. A head that
+    arrives whole in one read, the common case, costs a few attribute checks and no clock
+    reading: the clock starts only when a read leaves a head incomplete.
     """
 
     __slots__ = (
         "_body",
-        "_busy",
         "_head_since",
         "_head_timer",
         "_header_timeout",
@@ -72,9 +72,8 @@ class GuardedRequestHandler(RequestHandler):
         self._head_since = 0.0  # loop time the pending head started; 0.0: none pending
         self._head_timer: asyncio.TimerHandle | None = None
         self._heard = False  # any byte arrived: a timed-out head gets a 408, not silence
-        self._busy = False  # a request is being handled
         self._body: StreamReader | None = None  # the body of the latest request parsed
-        self._pipelined = False  # a next head began while a request was handled
+        self._pipelined = False  # a head began behind requests not yet answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -92,42 +91,38 @@ class GuardedRequestHandler(RequestHandler):
             super().data_received(data)
             return
         self._heard = True
-        body = self._body  # of the latest request parsed
-        fed = -1
-        if body is not None and not body.is_eof():
-            fed = body.total_bytes  # `data` continues that body
-        elif not self._head_since:
-            self._head_begun()  # `data` starts a head
+        body = self._body  # of the latest request parsed, if it has one
+        fed = -1 if body is None or body.is_eof() else body.total_bytes
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
             # Heads completed: whatever preceded the last one's end belonged to requests.
-            body = self._body = self._messages[-1][1]
-            self._pipelined = _goes_on(data, body)
-        elif fed >= 0 and body is not None and body.is_eof() and _past_body(data, body, fed):
-            self._head_begun()  # the segment that ended the body started a head
+            payload = self._messages[-1][1]
+            self._body = None if payload is EMPTY_PAYLOAD else payload
+            self._head_since = 0.0
+            self._pipelined = False
+            if not data.endswith(_END) and _goes_on(data, payload):
+                self._head_pending()
+        elif fed >= 0:  # `data` continued a body
+            if body is not None and body.is_eof() and _past_body(data, body, fed):
+                self._head_pending()  # the segment that ended the body started a head
+        elif not self._head_since:
+            self._head_pending()  # `data` started a head and did not finish it
 
-    def _head_begun(self) -> None:
-        if self._busy or self._messages:
-            self._pipelined = True  # its clock starts when the requests before it are answered
+    def _head_pending(self) -> None:
+        """A read left a head incomplete: its deadline runs from now, or, behind requests
+        not yet answered, from when they are (found by polling; see `_check_head`)."""
+        if self._request_in_progress or self._messages:
+            self._pipelined = True
+            if self._head_timer is None:
+                self._head_timer = self._loop.call_later(self._poll, self._check_head)
         elif not self._head_since:
             self._start_clock()
 
-    async def _handle_request(
-        self,
-        request: web.BaseRequest,
-        start_time: float | None,
-        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-    ) -> tuple[web.StreamResponse, bool]:
-        self._head_since = 0.0  # the head is complete: its deadline is met
-        self._busy = True
-        try:
-            return await super()._handle_request(request, start_time, request_handler)
-        finally:
-            self._busy = False
-            if self._pipelined and not self._messages:  # else a queued request comes first
-                self._pipelined = False
-                self._start_clock()
+    @property
+    def _poll(self) -> float:
+        """How often a head queued behind a request checks whether its turn has come."""
+        return min(self._header_timeout, _PIPELINE_POLL)
 
     def handle_error(
         self,
@@ -171,14 +166,22 @@ class GuardedRequestHandler(RequestHandler):
 
     def _check_head(self) -> None:
         self._head_timer = None
+        if self.transport is None:
+            return
+        busy = self._request_in_progress or bool(self._messages)
+        if self._pipelined:
+            if busy:
+                self._head_timer = self._loop.call_later(self._poll, self._check_head)
+            else:
+                self._pipelined = False  # the requests before it are answered
+                self._start_clock()
+            return
         since = self._head_since
-        if not since or self._busy or self.transport is None:
+        if not since or busy:
             return
         deadline = since + self._header_timeout
         if self._loop.time() < deadline:  # armed for an earlier head
             self._head_timer = self._loop.call_at(deadline, self._check_head)
-            return
-        if self._messages:  # complete, and its handler starts in this loop iteration
             return
         log.info(
             "request head timed out",
@@ -190,13 +193,14 @@ class GuardedRequestHandler(RequestHandler):
 
 
 def _goes_on(data: bytes, body: StreamReader) -> bool:
-    """Whether `data`, whose parse completed a head with `body`, holds bytes past that message.
+    """Whether `data`, whose parse completed a head with `body` and which does not end in
+    CRLF CRLF, holds bytes past that message.
 
     A head, a chunked body and trailers end in CRLF CRLF; a partial next head cannot. A
     Content-Length body complete in `data` must directly follow its head's CRLF CRLF. A
     crafted body can fake that; the keep-alive timer still bounds such a head.
     """
-    if data.endswith(_END) or not body.is_eof():
+    if not body.is_eof():
         return False
     size = body.total_bytes
     return size == 0 or data[-size - 4 : -size] != _END

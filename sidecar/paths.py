@@ -23,9 +23,9 @@ from aiohttp import web
 
 __all__ = ["PATH", "BadPath", "CanonicalPath", "canonical_path"]
 
-# Anything that can make a path mean something else to another parser; a path without
-# any of these is already canonical (the common case costs one regex scan).
-_SUSPECT: Final = re.compile(r"%|//|/\.|;|\\|#|[^\x21-\x7e]")
+# Anything that can make a path mean something else to another parser; a printable ASCII
+# path without any of these is already canonical (the common case: a few substring scans).
+_SUSPECT: Final = ("%", "//", "/.", ";", "\\", "#", " ")
 _ESCAPE: Final = re.compile(r"%(?:([0-9A-Fa-f]{2})|.{0,2})", re.DOTALL)
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _SLASHES: Final = frozenset({"2F", "5C"})
@@ -43,15 +43,33 @@ class CanonicalPath(NamedTuple):
     params: bool = False  # holds `;` path parameters
 
 
+# Canonical forms of recent paths, as most traffic repeats a small set of them. Bounded
+# (at most about 2 MB): when full it is emptied, so a stream of unique paths costs the
+# computation and nothing more.
+_KNOWN: dict[str, CanonicalPath] = {}
+_KNOWN_MAX: Final = 4096
+_KNOWN_LENGTH: Final = 256
+
 # The request's canonical path, set by the front door (sidecar/routing.py) before any handler.
 PATH: Final = web.RequestKey("canonical_path", CanonicalPath)
 
 
 def canonical_path(raw: str) -> CanonicalPath:
     """The canonical form of `raw`, a request path without its query; raises `BadPath`."""
+    known = _KNOWN.get(raw)
+    if known is None:
+        known = _canonical(raw)
+        if len(raw) <= _KNOWN_LENGTH:
+            if len(_KNOWN) >= _KNOWN_MAX:
+                _KNOWN.clear()
+            _KNOWN[raw] = known
+    return known
+
+
+def _canonical(raw: str) -> CanonicalPath:
     if not raw.startswith("/"):
         raise BadPath("the request target must be a path starting with /")
-    if _SUSPECT.search(raw) is None:
+    if raw.isascii() and raw.isprintable() and not any(s in raw for s in _SUSPECT):
         return CanonicalPath(raw)
     if "\\" in raw:
         raise BadPath("the path holds a backslash")

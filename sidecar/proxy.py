@@ -153,13 +153,14 @@ class Upstream:
         # the body as aiohttp's strict parser framed it (docs/security.md).
         host = request.headers.get(hdrs.HOST) if self._pass_host else None
         headers.append(("Host", host or self._authority))
-        length = request.content_length
+        # aiohttp's parser accepted the length as digits only, and never beside chunked.
+        length = request.headers.get(hdrs.CONTENT_LENGTH)
         chunked = length is None and request.body_exists
-        body = request.content if chunked or length else None
+        body = request.content if chunked or (length and int(length)) else None
         if chunked:
             headers.append(("Transfer-Encoding", "chunked"))
         elif length is not None:
-            headers.append(("Content-Length", str(length)))
+            headers.append(("Content-Length", str(int(length))))
         try:
             head = encode_head(request.method, self.path(request), headers)
             upstream = await self._pool.request(request.method, head, body, chunked=chunked)

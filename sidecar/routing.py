@@ -8,7 +8,7 @@ are the endpoint they spell and an upstream never receives a path the sidecar di
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Final
 
 from aiohttp import web
@@ -22,6 +22,8 @@ from sidecar.responses import answer_and_close, error_response
 __all__ = ["Dispatcher"]
 
 _HTTP_11: Final = (1, 1)
+_VALID_HOSTS: set[str] = set()
+_VALID_HOSTS_MAX: Final = 256
 
 
 class Dispatcher:
@@ -42,8 +44,12 @@ class Dispatcher:
         }
         self._proxy = proxy
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """`handler`, aiohttp's own match, is never called."""
+    def __call__(self, request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        """`handler`, aiohttp's own match, is never called.
+
+        Not a coroutine itself: it returns the handler's, so the proxy's every suspension
+        does not pass through one more frame.
+        """
         problem = _framing_problem(request)
         if problem is None:
             try:
@@ -51,21 +57,25 @@ class Dispatcher:
             except BadPath as exc:
                 problem = str(exc)
         if problem is not None:
-            return await _refuse(request, problem)
+            return _refuse(request, problem)
         methods = self._endpoints.get(target.path)
         if methods is None:
-            return await self._proxy(request)
+            return self._proxy(request)
         endpoint = methods.get(request.method) or methods.get("*")
         if endpoint is None:
-            request[ROUTE] = "method_not_allowed"
-            return error_response(
-                request,
-                405,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-                headers={"Allow": ", ".join(sorted(methods))},
-            )
-        return await endpoint(request)
+            return _not_allowed(request, methods)
+        return endpoint(request)
+
+
+async def _not_allowed(request: web.Request, methods: Mapping[str, Handler]) -> web.Response:
+    request[ROUTE] = "method_not_allowed"
+    return error_response(
+        request,
+        405,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+        headers={"Allow": ", ".join(sorted(methods))},
+    )
 
 
 async def _refuse(request: web.Request, problem: str) -> web.StreamResponse:
@@ -90,6 +100,16 @@ def _framing_problem(request: web.BaseRequest) -> str | None:
         if len(codings) != 1 or codings[0].strip().lower() != "chunked":
             return "only Transfer-Encoding: chunked is accepted"
     hosts = headers.getall("Host", ())
-    if len(hosts) > 1 or (hosts and not AUTHORITY.fullmatch(hosts[0])):
+    if hosts and (len(hosts) > 1 or (hosts[0] not in _VALID_HOSTS and not _valid_host(hosts[0]))):
         return "the Host header is not one valid host"
     return None
+
+
+def _valid_host(host: str) -> bool:
+    """RFC 3986 §3.2.2; a deployment sees few hosts, so valid ones are kept (bounded)."""
+    if AUTHORITY.fullmatch(host) is None:
+        return False
+    if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(host)
+    return True
