@@ -21,7 +21,6 @@ from yarl import URL
 from sidecar.appkeys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
-from sidecar.oidc.tokens import access_token_expiry, user_claims
 from sidecar.responses import error_response, is_navigation
 from sidecar.session import PendingLogin, SessionRecord
 
@@ -152,28 +151,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if profile is not None and profile.get("sub") == claims["sub"]:
         # §5.3.4: userinfo is about the ID token's subject or it is ignored.
         claims = {**profile, **claims}
-    now = time.time()
-    access_expires = access_token_expiry(tokens, requested_at)
-    expires_at = now + config.session.lifetime
-    refresh_expires = None
-    if tokens.refresh_token is None:
-        expires_at = min(expires_at, access_expires)
-    elif tokens.refresh_expires_in:
-        refresh_expires = requested_at + tokens.refresh_expires_in
-        expires_at = min(expires_at, refresh_expires)
-    record = SessionRecord(
-        issuer=str(claims["iss"]),
-        subject=str(claims["sub"]),
-        idp_session_id=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
-        claims=user_claims(claims),
-        access_token=tokens.access_token,
-        access_expires_at=access_expires,
-        refresh_token=tokens.refresh_token,
-        refresh_expires_at=refresh_expires,
-        id_token=tokens.id_token,
-        created_at=now,
-        refreshed_at=requested_at,
-        expires_at=expires_at,
+    record = SessionRecord.from_login(
+        tokens,
+        claims,
+        requested_at=requested_at,
+        now=time.time(),
+        lifetime=config.session.lifetime,
     )
     # Re-login always leaves the newest token set: the browser's old session goes.
     previous = await sessions.load(cookies.session_id(request))

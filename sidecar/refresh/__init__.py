@@ -2,6 +2,7 @@
 
 from sidecar.refresh.events import Events, MemoryEvents, RedisEvents
 from sidecar.refresh.locks import Locks, MemoryLocks, RedisLocks
+from sidecar.refresh.outcomes import Outcome
 from sidecar.refresh.protocol import Refresher, refresh_window
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "Locks",
     "MemoryEvents",
     "MemoryLocks",
+    "Outcome",
     "RedisEvents",
     "RedisLocks",
     "Refresher",

@@ -32,10 +32,10 @@ from sidecar.errors import (
     TokenRequestError,
 )
 from sidecar.metrics import Metrics
-from sidecar.oidc import OIDCClient, TokenResponse
-from sidecar.oidc.tokens import access_token_expiry, user_claims
+from sidecar.oidc import OIDCClient
 from sidecar.refresh.events import ENDED, FAILED, REFRESHED, Events
 from sidecar.refresh.locks import Locks
+from sidecar.refresh.outcomes import Outcome
 from sidecar.session import Session, SessionManager, SessionRecord
 
 __all__ = ["Refresher", "refresh_window"]
@@ -201,7 +201,7 @@ class Refresher:
     async def _refresh(self, session: Session) -> Session:
         """Steps 3-6 in the flight's task; its entry in `_inflight` exists before it runs."""
         started = time.perf_counter()
-        outcome = "error"
+        outcome: str = Outcome.ERROR
         try:
             result, outcome = await self._refresh_rounds(session)
             return result
@@ -209,7 +209,7 @@ class Refresher:
             outcome = exc.reason
             raise
         except RefreshUnavailable:
-            outcome = "unavailable"
+            outcome = Outcome.UNAVAILABLE
             raise
         finally:
             duration = time.perf_counter() - started
@@ -223,7 +223,7 @@ class Refresher:
                 },
             )
 
-    async def _refresh_rounds(self, session: Session) -> tuple[Session, str]:
+    async def _refresh_rounds(self, session: Session) -> tuple[Session, Outcome]:
         deadline = time.monotonic() + self._config.wait_timeout
         current = session
         for _ in range(_MAX_ROUNDS):
@@ -239,7 +239,7 @@ class Refresher:
             self._metrics.lock_wait.observe(time.perf_counter() - waited)
             decision = self._usable(current.record)
             if decision is True:
-                return current, "refreshed_elsewhere"
+                return current, Outcome.REFRESHED_ELSEWHERE
             if decision is False:
                 self._unavailable(current.record)
             if time.monotonic() >= deadline:
@@ -247,7 +247,7 @@ class Refresher:
         # The holder's grant may still be running (a late answer is waited for): DESIGN §6,
         # a still-valid token is forwarded meanwhile.
         self._current_or_unavailable(current)
-        return current, "wait_timeout"
+        return current, Outcome.WAIT_TIMEOUT
 
     async def _wait_for_holder(self, session: Session, deadline: float) -> Session:
         """Until the record's version changes, the lock goes, or the deadline passes.
@@ -269,7 +269,7 @@ class Refresher:
                     await asyncio.wait_for(woken.wait(), _POLL_INTERVAL)
         return session
 
-    async def _refresh_holding(self, session: Session, lease: _Lease) -> tuple[Session, str]:
+    async def _refresh_holding(self, session: Session, lease: _Lease) -> tuple[Session, Outcome]:
         h = session.h
         try:
             # Step 4: re-read under the lock; another replica may have refreshed already.
@@ -278,7 +278,7 @@ class Refresher:
                 raise SessionEnded("session ended before refresh")
             decision = self._usable(latest.record)
             if decision is True:
-                return latest, "already_fresh"
+                return latest, Outcome.ALREADY_FRESH
             if decision is False:
                 self._unavailable(latest.record)
             return await self._grant(latest, lease)
@@ -289,12 +289,12 @@ class Refresher:
                 # The lock expires by itself; the outcome stands (the record has the last word).
                 log.warning("refresh lock not released", extra={"session": h[:12]})
 
-    async def _grant(self, session: Session, lease: _Lease) -> tuple[Session, str]:
+    async def _grant(self, session: Session, lease: _Lease) -> tuple[Session, Outcome]:
         record = session.record
         assert record.refresh_token is not None  # _usable returned None only with one
-        interrupted = await self._sessions.store.attempt_mark(session.h)
+        interrupted = await self._sessions.grant_sent_at(session)
         requested_at = self._clock()
-        await self._sessions.store.mark_attempt(session.h, requested_at)
+        await self._sessions.mark_grant_sent(session, requested_at)
         done = asyncio.Event()
         watchdog = asyncio.create_task(self._keep_lock(session.h, lease, done))
         started = time.perf_counter()
@@ -303,30 +303,33 @@ class Refresher:
             flight.mark_sent()  # callers now wait idp_timeout at most; the grant runs on
         try:
             tokens = await self._oidc.refresh(record.refresh_token)
-            claims = record.claims
+            validated = None
             if tokens.id_token is not None:
                 # OIDC Core §12.2: same iss, sub and aud as the original ID token.
                 validated = await self._oidc.validate_id_token(
                     tokens.id_token, expect_subject=record.subject
                 )
-                claims = {**record.claims, **user_claims(validated)}
         except TokenRequestError as exc:
             if exc.error != "invalid_grant":
-                return await self._failed(session, "rejected", maybe_rotated=False)
+                return await self._failed(session, Outcome.REJECTED, maybe_rotated=False)
             await self._sessions.delete(session)
             await self._events.publish(session.h, ENDED)
             # A mark left by a holder that never wrote its result: the IdP rotated, we lost
             # the new token (DESIGN §5 invariant's one hole). Otherwise: revoked.
-            reason = "invalid_grant_lost_rotation" if interrupted else "invalid_grant_revoked"
+            reason = (
+                Outcome.INVALID_GRANT_LOST_ROTATION
+                if interrupted
+                else Outcome.INVALID_GRANT_REVOKED
+            )
             raise SessionEnded("refresh token refused by the IdP", reason=reason) from exc
         except IdPUnavailable as exc:
             log.warning("refresh failed", extra={"session": session.h[:12], "error": str(exc)})
-            return await self._failed(session, "transient", maybe_rotated=exc.maybe_sent)
+            return await self._failed(session, Outcome.TRANSIENT, maybe_rotated=exc.maybe_sent)
         except InvalidIDToken as exc:
             # The IdP rotated, but we cannot confirm who the tokens belong to: fail closed.
             await self._sessions.delete(session)
             await self._events.publish(session.h, ENDED)
-            raise SessionEnded(str(exc), reason="invalid_id_token") from exc
+            raise SessionEnded(str(exc), reason=Outcome.INVALID_ID_TOKEN) from exc
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.idp_latency.observe(elapsed)
@@ -336,22 +339,24 @@ class Refresher:
             watchdog.cancel()
             await asyncio.wait({watchdog}, timeout=1.0)
 
-        updated = self._refreshed_record(record, tokens, claims, requested_at)
+        updated = record.rotated(tokens, validated, requested_at)
         if not await self._save_rotated(session, updated, lease):
             latest = await self._sessions.load(session.id)
             if latest is None:
                 # Deleted meanwhile (logout): never resurrect it.
                 await self._events.publish(session.h, ENDED)
-                raise SessionEnded("session ended during refresh", reason="ended_during_refresh")
+                raise SessionEnded(
+                    "session ended during refresh", reason=Outcome.ENDED_DURING_REFRESH
+                )
             # Only possible if our lock expired despite the watchdog; the other write wins.
             log.error(
                 "refresh result lost to a concurrent write", extra={"session": session.h[:12]}
             )
-            return latest, "write_conflict"
+            return latest, Outcome.WRITE_CONFLICT
         await self._events.publish(session.h, REFRESHED)
         # A late answer, kept: counted apart so operators see how often the IdP is that slow.
         late = elapsed > self._config.idp_timeout
-        return session.with_record(updated), "refreshed_late" if late else "refreshed"
+        return session.with_record(updated), Outcome.REFRESHED_LATE if late else Outcome.REFRESHED
 
     async def _save_rotated(self, session: Session, updated: SessionRecord, lease: _Lease) -> bool:
         """The fenced write of a rotated token set, tried again through a Redis outage.
@@ -410,8 +415,8 @@ class Refresher:
                 log.warning("refresh lock not extended", extra={"session": h[:12]})
 
     async def _failed(
-        self, session: Session, outcome: str, *, maybe_rotated: bool
-    ) -> tuple[Session, str]:
+        self, session: Session, outcome: Outcome, *, maybe_rotated: bool
+    ) -> tuple[Session, Outcome]:
         """Step 6, ambiguous failure: back off, tell waiters, keep the session."""
         record = session.record
         failures = record.failed_attempts + 1
@@ -426,37 +431,11 @@ class Refresher:
         if saved and maybe_rotated:
             # The grant may have reached the IdP and rotated the token: keep the mark so a
             # later invalid_grant is counted as a lost rotation, not a revocation.
-            await self._sessions.store.mark_attempt(session.h, self._clock())
+            await self._sessions.mark_grant_sent(session, self._clock())
         await self._events.publish(session.h, FAILED)
         if not saved:
-            raise SessionEnded("session ended during refresh", reason="ended_during_refresh")
+            raise SessionEnded("session ended during refresh", reason=Outcome.ENDED_DURING_REFRESH)
         updated = session.with_record(failed)
         if record.access_expires_at - self._clock() > _margin(record):
             return updated, outcome
         self._unavailable(failed)
-
-    def _refreshed_record(
-        self,
-        record: SessionRecord,
-        tokens: TokenResponse,
-        claims: dict[str, object],
-        requested_at: float,
-    ) -> SessionRecord:
-        refresh_expires = record.refresh_expires_at
-        expires_at = record.expires_at
-        if tokens.refresh_expires_in:
-            refresh_expires = requested_at + tokens.refresh_expires_in
-            expires_at = min(expires_at, refresh_expires)
-        return record.evolve(
-            version=record.version + 1,
-            access_token=tokens.access_token,
-            access_expires_at=access_token_expiry(tokens, requested_at),
-            refresh_token=tokens.refresh_token or record.refresh_token,
-            refresh_expires_at=refresh_expires,
-            id_token=tokens.id_token or record.id_token,
-            claims=claims,
-            refreshed_at=requested_at,
-            expires_at=expires_at,
-            next_attempt_at=None,
-            failed_attempts=0,
-        )

@@ -239,6 +239,16 @@ class SessionManager:
         except Exception:  # index keys are best-effort (DESIGN §4)
             log.warning("session index cleanup failed", extra={"session": session.h[:12]})
 
+    async def mark_grant_sent(self, session: Session, at: float) -> None:
+        """Note that a refresh grant for `session` is leaving at `at`; the next fenced write
+        clears it. A mark found later means a holder sent a grant and never stored its
+        answer: the IdP may have rotated (docs/refresh.md, "Lost rotation vs revocation")."""
+        await self.store.mark_attempt(session.h, at)
+
+    async def grant_sent_at(self, session: Session) -> float | None:
+        """When a grant was last sent for `session` without its answer being stored."""
+        return await self.store.attempt_mark(session.h)
+
     def ttl(self, record: SessionRecord) -> float:
         """Store TTL: the absolute end, or sooner with an idle timeout."""
         remaining = record.expires_at - self._clock()

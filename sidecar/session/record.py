@@ -10,6 +10,9 @@ import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Self
 
+from sidecar.oidc.client import TokenResponse
+from sidecar.oidc.tokens import access_token_expiry, user_claims
+
 __all__ = ["RECORD_FORMAT", "Session", "SessionRecord", "new_session_id", "session_hash"]
 
 RECORD_FORMAT: Final = 1
@@ -65,6 +68,74 @@ class SessionRecord:
         if not isinstance(raw, dict) or raw.get("fmt") != RECORD_FORMAT:
             raise ValueError("unknown session record format")
         return cls(**raw)
+
+    @classmethod
+    def from_login(
+        cls,
+        tokens: TokenResponse,
+        id_claims: dict[str, Any],
+        *,
+        requested_at: float,
+        now: float,
+        lifetime: float,
+    ) -> Self:
+        """A new session's record from the code exchange's tokens and validated ID-token
+        claims (`requested_at`: when the token request left; `lifetime`: the session cap).
+
+        The session ends at the earliest of its lifetime, the refresh token's expiry, or,
+        without a refresh token, the access token's.
+        """
+        access_expires = access_token_expiry(tokens, requested_at)
+        expires_at = now + lifetime
+        refresh_expires = None
+        if tokens.refresh_token is None:
+            expires_at = min(expires_at, access_expires)
+        elif tokens.refresh_expires_in:
+            refresh_expires = requested_at + tokens.refresh_expires_in
+            expires_at = min(expires_at, refresh_expires)
+        sid = id_claims.get("sid")
+        return cls(
+            issuer=str(id_claims["iss"]),
+            subject=str(id_claims["sub"]),
+            idp_session_id=sid if isinstance(sid, str) else None,
+            claims=user_claims(id_claims),
+            access_token=tokens.access_token,
+            access_expires_at=access_expires,
+            refresh_token=tokens.refresh_token,
+            refresh_expires_at=refresh_expires,
+            id_token=tokens.id_token,
+            created_at=now,
+            refreshed_at=requested_at,
+            expires_at=expires_at,
+        )
+
+    def rotated(
+        self, tokens: TokenResponse, id_claims: dict[str, Any] | None, requested_at: float
+    ) -> SessionRecord:
+        """The next version after a refresh grant: new tokens (an IdP that returns no new
+        refresh or ID token keeps the old one valid), claims from a new ID token if any, the
+        session's end moved no later by `refresh_expires_in`, and the failure backoff reset.
+        """
+        refresh_expires = self.refresh_expires_at
+        expires_at = self.expires_at
+        if tokens.refresh_expires_in:
+            refresh_expires = requested_at + tokens.refresh_expires_in
+            expires_at = min(expires_at, refresh_expires)
+        claims = self.claims if id_claims is None else {**self.claims, **user_claims(id_claims)}
+        return replace(
+            self,
+            version=self.version + 1,
+            access_token=tokens.access_token,
+            access_expires_at=access_token_expiry(tokens, requested_at),
+            refresh_token=tokens.refresh_token or self.refresh_token,
+            refresh_expires_at=refresh_expires,
+            id_token=tokens.id_token or self.id_token,
+            claims=claims,
+            refreshed_at=requested_at,
+            expires_at=expires_at,
+            next_attempt_at=None,
+            failed_attempts=0,
+        )
 
     def evolve(self, **changes: Any) -> SessionRecord:
         return replace(self, **changes)
