@@ -25,11 +25,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import proxy as bench  # noqa: E402  (bench/proxy.py: the processes, login and IdP)
+import proxy as bench  # bench/proxy.py: the processes, the login and the IdP
 
 _TOTALS = re.compile(rb"^(?:totals|summary): (\d+)", re.MULTILINE)
 
@@ -50,10 +52,10 @@ def send(base: str, path: str, cookie: str | None, count: int) -> None:
         conn.close()
 
 
-def counted(pid: int, out: Path, run: object) -> int:
+def counted(pid: int, out: Path, run: Callable[[], None]) -> int:
     """Instructions the process `pid` executes while `run()` runs."""
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
-    run()  # type: ignore[operator]
+    run()
     before = set(out.parent.glob(out.name + "*"))
     subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
     (dump,) = set(out.parent.glob(out.name + "*")) - before
@@ -106,7 +108,7 @@ def main() -> int:
             ):
                 send(sc.base, path, with_cookie, args.warmup)
                 total = counted(
-                    sc.proc.pid, out, lambda: send(sc.base, path, with_cookie, args.requests)
+                    sc.proc.pid, out, partial(send, sc.base, path, with_cookie, args.requests)
                 )
                 rows[name, row] = total / args.requests
                 print(f"{name:3} {row:13} {rows[name, row]:12,.0f} instructions/request",
@@ -117,7 +119,7 @@ def main() -> int:
         print("|---|---:|---:|---:|")
         for row in ("public", "authenticated"):
             old, new = rows["old", row], rows["new", row]
-            print(f"| {row} | {old:,.0f} | {new:,.0f} | {new / old:.3f}× |")
+            print(f"| {row} | {old:,.0f} | {new:,.0f} | {new / old:.3f}x |")
         return 0
     finally:
         procs.stop_all()
