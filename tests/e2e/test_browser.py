@@ -11,23 +11,20 @@ If either is missing the test fails: it never skips.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import html
-import secrets
 import shutil
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import REDIS_URL, SidecarProcess, config_dict, free_port
-from tests.e2e.conftest import REPO_ROOT, ProviderHandle
+from tests.support.configs import config_dict
+from tests.support.provider import ProviderHandle
+from tests.support.repo import REPO_ROOT
+from tests.support.sidecars import SidecarProcess
+from tests.support.stores import REDIS_URL, new_prefix
+from tests.support.upstreams import Introspection, VerifyingUpstream
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -87,92 +84,12 @@ def _require_playwright() -> Any:
     return sync_playwright
 
 
-class Upstream:
-    """An aiohttp upstream in its own thread: the page above and /api/whoami, which asks the
-    provider's userinfo endpoint about every token it gets."""
-
-    def __init__(self, provider: ProviderHandle) -> None:
-        self.userinfo_endpoint = provider.metadata["userinfo_endpoint"]
-        self.introspection_endpoint = provider.metadata["introspection_endpoint"]
-        self.client_auth = {
-            "Authorization": aiohttp.encode_basic_auth(provider.client_id, provider.client_secret)
-        }
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        self.runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._started.wait(10):
-            raise TimeoutError("upstream did not start")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._started.set()
-        self.loop.run_forever()
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/api/whoami", self._whoami)
-        app.router.add_route("*", "/{tail:.*}", self._page)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def _whoami(self, request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        userinfo_status, sub, left = None, None, None
-        if auth.startswith("Bearer "):
-            async with (
-                aiohttp.ClientSession() as client,
-                client.get(self.userinfo_endpoint, headers={"Authorization": auth}) as r,
-            ):
-                userinfo_status = r.status
-                if r.status == 200:
-                    sub = (await r.json()).get("sub")
-            async with (
-                aiohttp.ClientSession() as client,
-                client.post(
-                    self.introspection_endpoint,
-                    data={"token": auth.removeprefix("Bearer ")},
-                    headers=self.client_auth,
-                ) as r,
-            ):
-                if r.status == 200:
-                    exp = (await r.json()).get("exp")
-                    left = round(exp - time.time(), 1) if exp else None
-        return web.json_response(
-            {
-                "user": request.headers.get("X-Forwarded-User"),
-                "token": hashlib.sha256(auth.encode()).hexdigest()[:12] if auth else None,
-                "userinfo_status": userinfo_status,
-                "userinfo_sub": sub,
-                "token_seconds_left": left,
-            }
-        )
-
-    async def _page(self, request: web.Request) -> web.Response:
-        user = request.headers.get("X-Forwarded-User", "")
-        return web.Response(text=PAGE.format(user=user), content_type="text/html")
-
-    def stop(self) -> None:
-        async def cleanup() -> None:
-            if self.runner is not None:
-                await self.runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture
 def redis_key_prefix() -> Iterator[str]:
+    """`redis_prefix` for this sync test (Playwright's sync API wants no running loop)."""
     import redis
 
-    prefix = f"test-{secrets.token_hex(6)}"
+    prefix = new_prefix()
     client = redis.Redis.from_url(REDIS_URL)
     client.ping()
     yield prefix
@@ -200,7 +117,14 @@ def test_browser_login_background_calls_across_expiries_and_logout(
         client={"post_logout_redirect_uris": [post_logout_url]},
         access_token_ttl=ACCESS_TOKEN_TTL,
     )
-    upstream = Upstream(provider)
+    upstream = VerifyingUpstream(
+        provider.metadata["userinfo_endpoint"],
+        introspection=Introspection(
+            provider.metadata["introspection_endpoint"], provider.client_id, provider.client_secret
+        ),
+        page=PAGE,
+    )
+    upstream.start()
     try:
         data["upstreams"] = [{"path": "/", "url": upstream.url}]
         data["public_paths"] = []
@@ -243,7 +167,7 @@ def test_browser_login_background_calls_across_expiries_and_logout(
                 assert not bad, f"background calls failed: {bad}{context()}"
                 assert all(r["user"] == "alice" for r in results), results
                 assert all(r["userinfo_status"] == 200 for r in results), results
-                assert all(r["userinfo_sub"] == "alice" for r in results), results
+                assert all(r["sub"] == "alice" for r in results), results
                 tokens = list(dict.fromkeys(r["token"] for r in results))
                 assert len(tokens) >= 3, f"token changed {len(tokens) - 1} times: {results}"
                 stats = provider.stats()

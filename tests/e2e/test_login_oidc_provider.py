@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urljoin, urlsplit
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import SidecarProcess, config_dict
-from tests.e2e.conftest import ProviderHandle
-
-HTML = {"Accept": "text/html,application/xhtml+xml"}
-JSON = {"Accept": "application/json"}
-MAX_HOPS = 20
+from tests.support.browse import HTML, Hop, browse, path_of
+from tests.support.configs import config_dict
+from tests.support.login import JSON, browser, session_cookie
+from tests.support.provider import ProviderHandle
+from tests.support.sidecars import SidecarProcess
+from tests.support.stores import REDIS_URL
+from tests.support.upstreams import Serve, VerifyingUpstream
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Setup:
     sidecar: SidecarProcess
     provider: ProviderHandle
     public_url: str
-    seen: list[dict[str, Any]] = field(default_factory=list)
+    upstream: VerifyingUpstream
 
     def url(self, path: str) -> str:
         return self.public_url + path
@@ -41,7 +41,7 @@ class Setup:
 async def start_all(
     oidc_provider: Callable[..., ProviderHandle],
     sidecar_process: Callable[..., SidecarProcess],
-    upstream_app: Callable[[web.Application], Any],
+    upstream_app: Serve,
     redis_prefix: str,
     *,
     post_logout_path: str = "/logged-out",
@@ -54,89 +54,16 @@ async def start_all(
     provider = oidc_provider(
         public_url, client={"post_logout_redirect_uris": [post_logout_url]}, **provider_options
     )
-    seen: list[dict[str, Any]] = []
-    userinfo_endpoint = provider.metadata["userinfo_endpoint"]
-
-    async def handler(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        result: dict[str, Any] = {
-            "path": request.path,
-            "authorization": auth,
-            "headers": {k: v for k, v in request.headers.items() if k.lower() != "cookie"},
-            "userinfo_status": None,
-            "userinfo": None,
-        }
-        if auth.startswith("Bearer "):
-            async with (
-                aiohttp.ClientSession() as client,
-                client.get(userinfo_endpoint, headers={"Authorization": auth}) as r,
-            ):
-                result["userinfo_status"] = r.status
-                if r.status == 200:
-                    result["userinfo"] = await r.json()
-        seen.append(result)
-        return web.json_response(result)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    upstream_url = await upstream_app(app)
+    upstream = VerifyingUpstream(provider.metadata["userinfo_endpoint"])
+    upstream_url = await upstream_app(upstream.app())
 
     data["upstreams"] = [{"path": "/", "url": upstream_url}]
     data["public_paths"] = []
     data["oidc"] = provider.sidecar_oidc(post_logout_url)
     data["session"] = {**data["session"], "store": "redis"}
-    data["redis"] = {"url": "redis://127.0.0.1:6379/0", "key_prefix": redis_prefix}
+    data["redis"] = {"url": REDIS_URL, "key_prefix": redis_prefix}
     sidecar = sidecar_process(data)
-    return Setup(sidecar, provider, public_url, seen)
-
-
-def browser() -> aiohttp.ClientSession:
-    """A cookie-keeping client that never follows redirects by itself (IP hosts allowed)."""
-    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-
-
-@dataclass
-class Hop:
-    method: str
-    url: str
-    status: int
-    location: str | None
-
-
-async def browse(
-    s: aiohttp.ClientSession, url: str, *, login: str | None = "alice", stop_at: str | None = None
-) -> tuple[list[Hop], int, str]:
-    """Navigate to `url` like a browser: follow each Location by hand, fill the login form.
-
-    Returns the hops taken and the final status and body; with `stop_at`, a redirect to a URL
-    starting with it ends the walk (status 0, the URL as the body) without being requested.
-    """
-    hops: list[Hop] = []
-    method, form = "GET", None
-    for _ in range(MAX_HOPS):
-        if stop_at is not None and url.startswith(stop_at):
-            return hops, 0, url
-        async with s.request(method, url, headers=HTML, data=form, allow_redirects=False) as r:
-            body = await r.text()
-            location = r.headers.get("Location")
-            hops.append(Hop(method, url, r.status, location))
-            if r.status in (301, 302, 303, 307, 308):
-                assert location, f"redirect without Location from {url}"
-                url, method, form = urljoin(url, location), "GET", None
-                continue
-            path = urlsplit(url).path
-            if r.status == 200 and method == "GET" and re.fullmatch(r"/interaction/[\w-]+", path):
-                assert login is not None, "the provider asked for a login"
-                action = re.search(r'<form method="post" action="([^"]+)"', body)
-                assert action, body
-                url, method, form = urljoin(url, action.group(1)), "POST", {"login": login}
-                continue
-            return hops, r.status, body
-    raise AssertionError(f"more than {MAX_HOPS} redirects: {hops}")
-
-
-def path_of(hop: Hop) -> str:
-    return urlsplit(hop.url).path
+    return Setup(sidecar, provider, public_url, upstream)
 
 
 async def login(s: aiohttp.ClientSession, setup: Setup, user: str = "alice") -> list[Hop]:
@@ -149,10 +76,6 @@ async def login(s: aiohttp.ClientSession, setup: Setup, user: str = "alice") -> 
 async def api(s: aiohttp.ClientSession, setup: Setup, path: str = "/api") -> tuple[int, Any]:
     async with s.get(setup.url(path), headers=JSON, allow_redirects=False) as r:
         return r.status, await r.json()
-
-
-def session_cookie(s: aiohttp.ClientSession) -> str:
-    return next(c.value for c in s.cookie_jar if c.key == "sidecar")
 
 
 async def test_login_upstream_gets_token_the_provider_accepts(
@@ -304,7 +227,7 @@ async def test_relogin_leaves_only_newest_session(
             ) as r:
                 assert r.status == expected, await r.text()
 
-    client: Any = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    client: Any = redis.Redis.from_url(REDIS_URL)
     try:
         sessions = [k async for k in client.scan_iter(match=f"{redis_prefix}:s:*")]
     finally:

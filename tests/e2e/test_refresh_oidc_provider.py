@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import os
 import re
@@ -27,73 +26,27 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import REDIS_URL, SidecarProcess, config_dict, free_port
-from tests.e2e.conftest import ProviderHandle
-from tests.e2e.test_login_oidc_provider import browse, browser
-
-JSON = {"Accept": "application/json"}
-CLIENT = web.AppKey("client", aiohttp.ClientSession)
-
-
-@dataclass
-class Seen:
-    """One request as the upstream got it."""
-
-    token_sha256: str
-    at: float  # wall clock at arrival, comparable with the provider's `exp`
-    userinfo_status: int | None  # None: not asked (provider frozen)
-    sub: str | None
-
-
-@dataclass
-class Upstream:
-    """Records each forwarded token; asks the provider's userinfo about it while `verify`."""
-
-    userinfo_endpoint: str
-    verify: bool = True
-    seen: list[Seen] = field(default_factory=list)
-
-    def app(self) -> web.Application:
-        async def client_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
-                app[CLIENT] = client
-                yield
-
-        async def handler(request: web.Request) -> web.Response:
-            auth = request.headers.get("Authorization", "")
-            assert auth.startswith("Bearer "), dict(request.headers)
-            at = time.time()
-            status: int | None = None
-            sub = None
-            if self.verify:
-                async with request.app[CLIENT].get(
-                    self.userinfo_endpoint, headers={"Authorization": auth}
-                ) as r:
-                    status = r.status
-                    if r.status == 200:
-                        sub = (await r.json())["sub"]
-            digest = hashlib.sha256(auth.removeprefix("Bearer ").encode()).hexdigest()
-            self.seen.append(Seen(digest, at, status, sub))
-            return web.json_response({"token": digest, "userinfo_status": status})
-
-        app = web.Application()
-        app.cleanup_ctx.append(client_ctx)
-        app.router.add_route("*", "/{tail:.*}", handler)
-        return app
+from tests.support.browse import browse
+from tests.support.configs import config_dict
+from tests.support.login import JSON, browser, session_cookie
+from tests.support.ports import free_port
+from tests.support.provider import ProviderHandle, set_outage
+from tests.support.sidecars import SidecarProcess
+from tests.support.stores import REDIS_URL
+from tests.support.upstreams import Serve, VerifyingUpstream
 
 
 @dataclass
 class Cluster:
     provider: ProviderHandle
     replicas: list[SidecarProcess]
-    upstream: Upstream
+    upstream: VerifyingUpstream
     public_url: str
     redis_prefix: str
 
@@ -101,7 +54,7 @@ class Cluster:
 async def start_cluster(
     oidc_provider: Callable[..., ProviderHandle],
     sidecar_process: Callable[..., SidecarProcess],
-    upstream_app: Callable[[web.Application], Any],
+    upstream_app: Serve,
     redis_prefix: str,
     *,
     replicas: int,
@@ -116,7 +69,7 @@ async def start_cluster(
     data = config_dict()
     public_url = data["server"]["public_url"]
     provider = oidc_provider(public_url, access_token_ttl=access_token_ttl)
-    upstream = Upstream(provider.metadata["userinfo_endpoint"])
+    upstream = VerifyingUpstream(provider.metadata["userinfo_endpoint"], require_bearer=True)
     upstream_url = await upstream_app(upstream.app())
     data["upstreams"] = [{"path": "/", "url": upstream_url}]
     data["public_paths"] = []
@@ -139,7 +92,7 @@ async def log_in(cluster: Cluster) -> str:
     async with browser() as s:
         hops, status, body = await browse(s, cluster.public_url + "/")
         assert status == 200, (hops, body, cluster.replicas[0].logs())
-        return next(c.value for c in s.cookie_jar if c.key == "sidecar")
+        return session_cookie(s)
 
 
 @asynccontextmanager
@@ -431,12 +384,6 @@ def assert_outage_answers(cluster: Cluster, run: OutageRun) -> None:
     assert all(a.status == 503 for a in run.during if a.started > exp[run.original]), context
     assert all(a.status == 503 for a in run.after[:-1]), context
     assert_tokens_were_live(cluster)
-
-
-def set_outage(provider: ProviderHandle, mode: str) -> None:
-    url = f"{provider.issuer}/__test/outage?mode={mode}"
-    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
-        assert r.status == 200
 
 
 @pytest.fixture

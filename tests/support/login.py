@@ -1,72 +1,70 @@
-"""A browser's login against the shared dev IdP, and the echo upstream the login tests use."""
+"""A browser's code-flow login at the dev IdP: GET → /oauth2/start → authorize → callback.
+
+The one login every test uses, whichever sidecar it runs: `sc` is an in-process `Sidecar`,
+a `SidecarProcess`, or the base URL of one (the demo). The dev IdP logs the user named by
+`login_hint` in at once, so the whole flow is four requests. The e2e tests log in at a real
+provider's form instead (tests/support/browse.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-from typing import Any
+import time
+from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import web
 from yarl import URL
 
-from tests.conftest import make_config
-from tests.idp import shared_idp
+from sidecar.config import Config
+from tests.support.configs import make_config
+from tests.support.sidecars import Sidecar, StartSidecar, ready
+from tests.support.upstreams import Serve, echo_app
 
 __all__ = [
     "HTML",
     "JSON",
+    "NAVIGATE",
+    "Site",
+    "approve",
     "authorize",
     "browser",
-    "claims_of",
-    "echo_app",
     "get_json",
-    "header",
     "local",
     "login",
-    "ready",
+    "login_cookie",
     "session_cookie",
     "setup",
 ]
 
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}
+NAVIGATE = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
 
 
-def echo_app() -> web.Application:
-    """An upstream that answers with the headers it received, as JSON."""
-
-    async def echo(request: web.Request) -> web.Response:
-        return web.json_response(
-            {"path": request.path_qs, "headers": [[k, v] for k, v in request.headers.items()]}
-        )
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    return app
+class _Served(Protocol):
+    def url(self, path: str) -> str: ...
 
 
-def header(body: dict[str, Any], name: str) -> list[str]:
-    return [v for k, v in body["headers"] if k.lower() == name.lower()]
+# Where the sidecar answers: anything with `url(path)`, or its base URL.
+Site = _Served | str
 
 
-def claims_of(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+def _url(sc: Site, path: str) -> str:
+    return sc + path if isinstance(sc, str) else sc.url(path)
 
 
-async def ready(sc: Any) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            async with s.get(sc.management_url("/readyz")) as r:
-                if r.status == 200:
-                    return
-            await asyncio.sleep(0.02)
-    raise AssertionError("sidecar not ready")
+def _issuer(sc: Site) -> str | None:
+    """The issuer the sidecar is configured with, where the test can see its configuration."""
+    config = getattr(sc, "config", None)
+    if isinstance(config, Config):
+        return str(config.oidc.issuer)
+    if isinstance(config, dict):
+        return str(config["oidc"]["issuer"])
+    return None
 
 
-async def setup(start_sidecar: Any, upstream_app: Any, **sections: Any) -> Any:
+async def setup(start_sidecar: StartSidecar, upstream_app: Serve, **sections: Any) -> Sidecar:
+    """An in-process sidecar before `echo_app`, every path protected unless `sections` say not."""
     base = await upstream_app(echo_app())
     sections.setdefault("public_paths", [])
     sc = await start_sidecar(make_config(base, **sections))
@@ -75,48 +73,95 @@ async def setup(start_sidecar: Any, upstream_app: Any, **sections: Any) -> Any:
 
 
 def browser() -> aiohttp.ClientSession:
+    """A cookie-keeping client that accepts cookies of IP hosts (every test server's)."""
     return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
-def local(sc: Any, location: str) -> str:
+def local(sc: Site, location: str) -> str:
     """The sidecar's public_url port differs from where the test runs it: re-target."""
     url = URL(location)
-    return str(sc.url(url.raw_path_qs if url.is_absolute() else location))
+    return _url(sc, url.raw_path_qs if url.is_absolute() else location)
 
 
-async def authorize(s: aiohttp.ClientSession, sc: Any, path: str, user: str) -> str:
-    """Steps 1-3: returns the callback location (absolute, at the public URL)."""
-    if path.startswith("/oauth2/start"):
-        start = path  # already logged in: begin a fresh login directly
-    else:
-        async with s.get(sc.url(path), headers=HTML, allow_redirects=False) as r:
-            assert r.status == 302, r.status
-            start = r.headers["Location"]
-    assert start.startswith("/oauth2/start?rd=")
-    async with s.get(local(sc, start), allow_redirects=False) as r:
-        assert r.status == 302
-        auth = r.headers["Location"]
-    assert auth.startswith(shared_idp().issuer)
-    async with s.get(auth + "&login_hint=" + user, allow_redirects=False) as r:
+async def approve(s: aiohttp.ClientSession, authorize_url: str, user: str) -> str:
+    """The IdP step: `login_hint` logs `user` in at once; the callback location it sends."""
+    async with s.get(authorize_url + "&login_hint=" + user, allow_redirects=False) as r:
         assert r.status == 302, r.status
         return r.headers["Location"]
 
 
-async def login(
-    s: aiohttp.ClientSession, sc: Any, path: str = "/app/page", user: str = "alice"
+async def authorize(
+    s: aiohttp.ClientSession,
+    sc: Site,
+    path: str = "/app/page",
+    user: str = "alice",
+    *,
+    headers: dict[str, str] = HTML,
 ) -> str:
-    """Full login; returns where the callback sent the browser."""
-    cb = await authorize(s, sc, path, user)
-    async with s.get(local(sc, cb), headers=HTML, allow_redirects=False) as r:
+    """Steps 1-3 from `path`: returns the callback location (absolute, at the public URL).
+
+    A `path` at /oauth2/start begins a fresh login directly (the browser may be logged in).
+    """
+    if path.startswith("/oauth2/start"):
+        start = path
+    else:
+        async with s.get(_url(sc, path), headers=headers, allow_redirects=False) as r:
+            assert r.status == 302, r.status
+            start = r.headers["Location"]
+    assert start.startswith("/oauth2/start?rd="), start
+    async with s.get(local(sc, start), allow_redirects=False) as r:
+        assert r.status == 302, r.status
+        auth = r.headers["Location"]
+    issuer = _issuer(sc)
+    assert issuer is None or auth.startswith(issuer.rstrip("/") + "/"), (auth, issuer)
+    callback = await approve(s, auth, user)
+    assert URL(callback).path == "/oauth2/callback", callback
+    return callback
+
+
+async def login(
+    s: aiohttp.ClientSession,
+    sc: Site,
+    path: str = "/app/page",
+    user: str = "alice",
+    *,
+    headers: dict[str, str] = HTML,
+    exchange_at_fraction: float | None = None,
+) -> str:
+    """Full login; returns where the callback sent the browser.
+
+    `exchange_at_fraction`: send the callback (the code exchange) at that fraction of a
+    wall-clock second, for tests that need to know where in its second a token was issued.
+    """
+    callback = await authorize(s, sc, path, user, headers=headers)
+    if exchange_at_fraction is not None:
+        await asyncio.sleep((exchange_at_fraction - time.time()) % 1.0)
+    async with s.get(local(sc, callback), headers=headers, allow_redirects=False) as r:
         assert r.status == 302, (r.status, await r.text())
         return r.headers["Location"]
 
 
-def session_cookie(s: aiohttp.ClientSession) -> str:
-    return next(c.value for c in s.cookie_jar if c.key == "sidecar")
+async def login_cookie(
+    sc: Site,
+    user: str = "alice",
+    *,
+    path: str = "/app/page",
+    headers: dict[str, str] = HTML,
+    exchange_at_fraction: float | None = None,
+) -> str:
+    """A fresh browser's whole login; the session cookie's value, for clients without a jar."""
+    async with browser() as s:
+        await login(s, sc, path, user, headers=headers, exchange_at_fraction=exchange_at_fraction)
+        return session_cookie(s)
+
+
+def session_cookie(s: aiohttp.ClientSession, name: str = "sidecar") -> str:
+    """The session cookie's value in a browser's jar."""
+    return next(c.value for c in s.cookie_jar if c.key == name)
 
 
 async def get_json(s: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any]:
+    """GET as an API client (Accept: JSON, no redirects): status and JSON body (or None)."""
     headers = {**JSON, **kw.pop("headers", {})}
     async with s.get(url, headers=headers, allow_redirects=False, **kw) as r:
         return r.status, (await r.json() if r.content_type == "application/json" else None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sidecar.config import Config
-from tests.conftest import config_dict
+from tests.support.configs import config_dict
 from tests.support.raw_http import RawClient, RawMessage, read_body, read_head
 from tests.support.recording_upstream import RecordingUpstream, UpstreamRequest
 

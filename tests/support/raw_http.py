@@ -15,11 +15,13 @@ __all__ = [
     "RawClient",
     "RawMessage",
     "RawServer",
+    "StartRaw",
     "raw_exchange",
     "raw_get",
     "read_body",
     "read_head",
     "read_request",
+    "recording_raw_upstream",
 ]
 
 
@@ -188,3 +190,21 @@ class RawServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# The `start_raw` fixture: `server, url = await start_raw(handler)`.
+StartRaw = Callable[..., Awaitable[tuple[RawServer, str]]]
+
+
+async def recording_raw_upstream(start_raw: StartRaw, response: bytes) -> tuple[RawServer, str]:
+    """A raw keep-alive upstream that records requests and answers each with `response`."""
+    server: RawServer
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            server.requests.append(request)
+            writer.write(response)
+            await writer.drain()
+
+    server, url = await start_raw(handler)
+    return server, url

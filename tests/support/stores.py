@@ -1,12 +1,22 @@
-"""Config sections that put the sidecar's sessions in one store or the other."""
+"""The shared Redis of the tests, and config sections that put sessions in one store or another."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from typing import Any
 
-from tests.conftest import REDIS_URL, TEST_KEY
+from tests.support.keys import TEST_KEY
 
-__all__ = ["store_sections"]
+__all__ = ["REDIS_URL", "new_prefix", "store_sections"]
+
+# The one knob the suite takes from its environment: where the shared Redis server is.
+REDIS_URL = os.environ.get("AUTH_SIDECAR_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def new_prefix() -> str:
+    """A key prefix of one test's own on the shared Redis: tests never see each other's keys."""
+    return f"test-{secrets.token_hex(6)}"
 
 
 def store_sections(kind: str, prefix: str) -> dict[str, Any]:

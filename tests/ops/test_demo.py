@@ -1,0 +1,125 @@
+"""`auth-sidecar demo` as a user runs it: one command, a login, a token refreshed on the fly.
+
+The demo's access tokens live 30 s and are refreshed in their last 10 s, so this test takes
+about 22 s: it keeps calling the echo app's API with one session cookie until the token has
+been replaced, and every call must succeed (no logout, no 5xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.login import NAVIGATE, browser, local, login, session_cookie
+from tests.support.ports import free_port
+from tests.support.processes import stop_process
+from tests.support.sidecars import console_script
+
+COOKIE = "sidecar_demo"
+READY_TIMEOUT = 30.0
+
+
+def free_ports_in_a_row(n: int) -> int:
+    """The first of `n` consecutive free ports (the demo uses its port and the next three)."""
+    for _ in range(200):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first + 1, first + n):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {n} free ports in a row")
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A running `auth-sidecar demo --port P`; its port and its output file."""
+    port = free_ports_in_a_row(4)
+    out = tmp_path / "demo.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [console_script(), "demo", "--port", str(port)], stdout=log, stderr=log
+        )
+    try:
+        yield port, out
+    finally:
+        stop_process(proc, 15)
+
+
+def output(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+async def wait_ready(http: aiohttp.ClientSession, port: int, out: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            async with http.get(f"http://127.0.0.1:{port + 3}/readyz") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"demo never became ready:\n{output(out)}")
+
+
+async def log_in(base: str, user: str) -> str:
+    """The browser's login (tests/support/login.py), landing on the echo app's page that
+    names the user; the session cookie."""
+    async with browser() as s:
+        landing = await login(s, base, "/", user, headers=NAVIGATE)
+        async with s.get(local(base, landing), headers=NAVIGATE, allow_redirects=False) as r:
+            assert r.status == 200, (landing, r.status)
+            assert user in await r.text()
+        return session_cookie(s, COOKIE)
+
+
+async def test_demo_logs_in_and_refreshes_without_logout(demo: tuple[int, Path]) -> None:
+    """The demo's sidecar logs alice in, and when her 30 s token is due it is replaced on the
+    fly: every background API call meanwhile is answered 200 as alice, and the sidecar
+    counts exactly one refresh."""
+    port, out = demo
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        await wait_ready(http, port, out)
+        cookie = await log_in(base, "alice")
+        headers = {"Accept": "application/json", "Cookie": f"{COOKIE}={cookie}"}
+        lefts: list[float] = []  # seconds the forwarded token had left, per call
+        times: list[float] = []
+        deadline = time.monotonic() + 35.0
+        while time.monotonic() < deadline:
+            times.append(time.monotonic())
+            async with http.get(base + "/api/whoami", headers=headers) as r:
+                assert r.status == 200, (r.status, await r.text())
+                who = await r.json()
+            assert who["user"] == "alice", who
+            lefts.append(float(who["token_seconds_left"]))
+            if len(lefts) > 1 and lefts[-1] > lefts[-2] + 5:
+                break  # a new token
+            await asyncio.sleep(1.0)
+        async with http.get(f"http://127.0.0.1:{port + 3}/metrics") as r:
+            metrics = await r.text()
+    assert len(lefts) > 1 and lefts[-1] > lefts[-2] + 5, f"never refreshed: {lefts}"
+    # The old token had entered its 10 s refresh window by the call that replaced it, and
+    # had not expired (0.1 s rounding; the sidecar counts from its request, a little earlier).
+    old_left = lefts[-2] - (times[-1] - times[-2])
+    assert 0 < old_left <= 10.3, (old_left, lefts)
+    assert lefts[0] > 20, lefts  # the first token was the login's
+    assert 'sidecar_refresh_total{outcome="refreshed"} 1.0' in metrics
+    log = output(out)
+    assert "open  " + base in log
+    assert cookie not in log  # the session id never reaches the output

@@ -1,0 +1,31 @@
+"""Listen ports for the servers tests start, picked so that nothing else takes them first."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+__all__ = ["free_port"]
+
+# Listen ports come from below the kernel's ephemeral range (32768-60999 on Linux): a port the
+# OS picked with bind(0) is handed to outgoing connections too, and one of those can take it
+# before the process we start binds it. Each pytest process walks its own slice of this range,
+# so a test run and a CI run on the same machine do not meet either.
+# (Redis Cluster nodes take 10000-11999, their bus ports 20000-21999: see redis_fleet.)
+_PORTS = range(22000, 32000)
+_next_port = _PORTS.start + (os.getpid() * 97) % len(_PORTS)
+
+
+def free_port() -> int:
+    """A port no earlier call returned and nothing listens on now."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _next_port
+        _next_port = _PORTS.start + (port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
