@@ -265,7 +265,7 @@ def start_nginx(procs: Procs, name: str, port: int, proxy_to: str | None) -> int
 
 
 class ThreadedIdP:
-    """`sidecar.devidp.DevIdP` served from its own event loop and thread (refresh_storm.py
+    """`sidecar.dev.idp.DevIdP` served from its own event loop and thread (refresh_storm.py
     and session_scale.py use it too)."""
 
     def __init__(
@@ -279,7 +279,7 @@ class ThreadedIdP:
         """By default tokens outlive the benchmark: no refresh happens during a measurement."""
         from aiohttp import web
 
-        from sidecar.devidp import DevClient, DevIdP, default_users
+        from sidecar.dev.idp import DevClient, DevIdP, default_users
 
         self.issuer = f"http://{HOST}:{port}"
         client = DevClient(

@@ -6,7 +6,7 @@ then bursts of M concurrent requests at K sessions whose tokens have all expired
 
 Everything listens on 127.0.0.1 on free ports and is stopped at exit:
 
-* the dev IdP (`sidecar.devidp`, refresh-token rotation and reuse detection) in a thread of
+* the dev IdP (`sidecar.dev.idp`, refresh-token rotation and reuse detection) in a thread of
   this script, access tokens living `--ttl` seconds (3 s: a rotation about every 2 s with
   `refresh.before_expiry: 1s`);
 * an upstream (aiohttp, a subprocess of this script) answering 200 with a small body;

@@ -47,7 +47,8 @@ end
 async def fill(prefix: str, key: str, template_cookie: str, total: int, have: int) -> list[str]:
     """Create sessions up to `total` (cloning the template's record); their cookie values."""
     from sidecar.config import SessionConfig
-    from sidecar.session import Keyring, RedisSessionStore, SessionManager
+    from sidecar.redis.store import RedisSessionStore
+    from sidecar.session import Keyring, SessionManager
 
     store = RedisSessionStore.from_url(bench.REDIS_URL, prefix)
     keyring = Keyring.from_base64([key])
@@ -74,7 +75,8 @@ async def fill(prefix: str, key: str, template_cookie: str, total: int, have: in
 
 async def drop(prefix: str, cookies: list[str]) -> None:
     """Delete the sessions behind `cookies` (record, attempt mark and user index)."""
-    from sidecar.session import RedisSessionStore, session_hash
+    from sidecar.redis.store import RedisSessionStore
+    from sidecar.session import session_hash
 
     store = RedisSessionStore.from_url(bench.REDIS_URL, prefix)
     client = store.client

@@ -14,9 +14,32 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sidecar import login
-from sidecar.admission import Admission
-from sidecar.appkeys import (
+from sidecar.access.admission import Admission
+from sidecar.config import Config
+from sidecar.errors import StoreUnavailable
+from sidecar.forwarding.headers import ForwardedPolicy, injected_names
+from sidecar.forwarding.paths import PATH
+from sidecar.forwarding.upstream import PathPrefixes, Router, Upstream
+from sidecar.health import Readiness, healthz, readyz
+from sidecar.logging import REQUEST_ID
+from sidecar.metrics import Metrics
+from sidecar.oidc import OIDCClient
+from sidecar.redis.store import RedisSessionStore
+from sidecar.refresh import (
+    Events,
+    Locks,
+    MemoryEvents,
+    MemoryLocks,
+    RedisEvents,
+    RedisLocks,
+    Refresher,
+)
+from sidecar.session import Keyring, MemorySessionStore, SessionManager
+from sidecar.session.cookie import Cookies
+from sidecar.session.store import SessionStore
+from sidecar.web import login
+from sidecar.web.forward_auth import forward_auth
+from sidecar.web.keys import (
     ADMISSION,
     CONFIG,
     COOKIES,
@@ -31,32 +54,10 @@ from sidecar.appkeys import (
     ROUTER,
     SESSIONS,
 )
-from sidecar.config import Config
-from sidecar.errors import StoreUnavailable
-from sidecar.forward_auth import forward_auth
-from sidecar.headers import ForwardedPolicy, injected_names
-from sidecar.health import Readiness, healthz, readyz
-from sidecar.logging import REQUEST_ID
-from sidecar.metrics import Metrics
-from sidecar.middleware import add_request_id, map_errors, observe
-from sidecar.oidc import OIDCClient
-from sidecar.paths import PATH
-from sidecar.proxy import PathPrefixes, Router, Upstream
-from sidecar.ratelimit import ClientRateLimiter
-from sidecar.refresh import (
-    Events,
-    Locks,
-    MemoryEvents,
-    MemoryLocks,
-    RedisEvents,
-    RedisLocks,
-    Refresher,
-)
-from sidecar.responses import error_response
-from sidecar.routing import Dispatcher
-from sidecar.session import Keyring, MemorySessionStore, RedisSessionStore, SessionManager
-from sidecar.session.cookie import Cookies
-from sidecar.session.store import SessionStore
+from sidecar.web.middleware import add_request_id, map_errors, observe
+from sidecar.web.ratelimit import ClientRateLimiter
+from sidecar.web.responses import error_response
+from sidecar.web.routing import Dispatcher
 
 __all__ = ["build_apps"]
 
@@ -114,7 +115,7 @@ def build_apps(
         answer_within=config.refresh.late_answer_timeout,
     )
 
-    # The only router: every request, routed on its canonical path (sidecar/routing.py).
+    # The only router: every request, routed on its canonical path (sidecar/web/routing.py).
     endpoints = {
         "/oauth2/start": {"GET": login.start},
         "/oauth2/callback": {"GET": login.callback},

@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar.dev.demo import run_demo
     from sidecar.logging import configure_logging
     from sidecar.server import run_until_done
 

@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from sidecar.responses import error_response
+from sidecar.web.responses import error_response
 
 __all__ = ["GuardedRequestHandler", "Listener"]
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from sidecar.paths import PATH
+from sidecar.forwarding.paths import PATH
 
 __all__ = ["REQUEST_ID", "AccessLogger", "JSONFormatter", "configure_logging", "request_id_for"]
 

@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.config import Config
-from sidecar.session import MemorySessionStore, RedisSessionStore
+from sidecar.redis.store import RedisSessionStore
+from sidecar.session import MemorySessionStore
 from sidecar.session.store import SessionStore
 from tests.support.environment import CALLER_ENVIRONMENT
 from tests.support.idp import ThreadedIdP

@@ -23,7 +23,7 @@ from pydantic import (
 from yarl import URL
 
 from sidecar.config.types import Duration, ListenAddress
-from sidecar.paths import BadPath, CanonicalPath, canonical_path
+from sidecar.forwarding.paths import BadPath, CanonicalPath, canonical_path
 
 __all__ = [
     "AccessConfig",

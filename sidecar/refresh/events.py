@@ -20,7 +20,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub
 from redis.exceptions import RedisError
 
-from sidecar.session.redis_connect import RedisClient, is_cluster
+from sidecar.redis.connect import RedisClient, is_cluster
 
 __all__ = ["Events", "MemoryEvents", "RedisEvents"]
 

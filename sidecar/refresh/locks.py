@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from sidecar.session.redis_connect import RedisClient
-from sidecar.session.redis_store import milliseconds, translated_errors
+from sidecar.redis.connect import RedisClient
+from sidecar.redis.store import milliseconds, translated_errors
 
 __all__ = ["Locks", "MemoryLocks", "RedisLocks"]
 

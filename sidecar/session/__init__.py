@@ -2,9 +2,8 @@
 
 from sidecar.session.crypto import Keyring, SealError
 from sidecar.session.manager import LOGIN_TTL, PendingLogin, SessionManager
-from sidecar.session.memory_store import MemorySessionStore
+from sidecar.session.memory import MemorySessionStore
 from sidecar.session.record import Session, SessionRecord, new_session_id, session_hash
-from sidecar.session.redis_store import RedisSessionStore
 from sidecar.session.store import SessionStore
 
 __all__ = [
@@ -12,7 +11,6 @@ __all__ = [
     "Keyring",
     "MemorySessionStore",
     "PendingLogin",
-    "RedisSessionStore",
     "SealError",
     "Session",
     "SessionManager",

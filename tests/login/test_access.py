@@ -1,4 +1,4 @@
-"""Access rules over claims (sidecar/access.py): email rules trust only verified addresses."""
+"""Access rules over claims (sidecar/access/rules.py): email rules trust only verified addresses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.access import allowed
+from sidecar.access.rules import allowed
 from sidecar.config import AccessConfig
 
 DOMAIN = AccessConfig(allowed_email_domains=["example.com"])

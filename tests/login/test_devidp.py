@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
-from sidecar.devidp import DevClient, DevIdP, DevUser, default_users
+from sidecar.dev.idp import DevClient, DevIdP, DevUser, default_users
 from tests.support.ports import free_port
 
 REDIRECT = "http://127.0.0.1:4180/oauth2/callback"
@@ -715,7 +715,7 @@ class TestClientAuth:
 
 async def test_no_token_is_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     """Tokens, codes and secrets never reach a log record, even on reuse and revocation."""
-    caplog.set_level(logging.DEBUG, logger="sidecar.devidp")
+    caplog.set_level(logging.DEBUG, logger="sidecar.dev.idp")
     verifier = secrets.token_urlsafe(48)
     query = await authorize(env, verifier)
     form = code_form(query["code"], verifier)
@@ -732,6 +732,6 @@ async def test_no_token_is_logged(env: Env, caplog: pytest.LogCaptureFixture) ->
 
 def test_warns_on_creation(caplog: pytest.LogCaptureFixture) -> None:
     """Creating a DevIdP logs that it is for development and tests only."""
-    with caplog.at_level(logging.WARNING, logger="sidecar.devidp"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.dev.idp"):
         DevIdP("http://127.0.0.1:1", users=[DevUser("u", "u@example.com", "U")])
     assert any("for development and tests only" in r.getMessage() for r in caplog.records)

@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as redis
 from yarl import URL
 
-from sidecar.appkeys import SESSIONS
 from sidecar.config import Config
 from sidecar.session import MemorySessionStore
+from sidecar.web.keys import SESSIONS
 from tests.support.configs import config_dict
 from tests.support.login import HTML, JSON, approve, browser, get_json, local
 from tests.support.sidecars import ready

@@ -8,11 +8,11 @@ import time
 import redis.asyncio as redis
 
 from sidecar.config import SessionConfig
+from sidecar.redis.store import RedisSessionStore
 from sidecar.session import (
     Keyring,
     MemorySessionStore,
     PendingLogin,
-    RedisSessionStore,
     SessionManager,
 )
 from sidecar.session.record import session_hash

@@ -1,4 +1,4 @@
-"""The per-client token buckets of `/oauth2/start` (sidecar/ratelimit.py), on a fake clock."""
+"""The per-client token buckets of `/oauth2/start` (sidecar/web/ratelimit.py), on a fake clock."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from sidecar.config import LoginConfig
-from sidecar.headers import ForwardedPolicy
-from sidecar.ratelimit import ClientRateLimiter, TokenBuckets, client_key
+from sidecar.forwarding.headers import ForwardedPolicy
+from sidecar.web.ratelimit import ClientRateLimiter, TokenBuckets, client_key
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Which client headers reach the upstream (sidecar/headers.py), decided per peer."""
+"""Which client headers reach the upstream (sidecar/forwarding/headers.py), decided per peer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from sidecar.headers import ForwardedPolicy, RequestHeaderFilter
+from sidecar.forwarding.headers import ForwardedPolicy, RequestHeaderFilter
 
 INJECTED = frozenset({"x-forwarded-user", "x-forwarded-groups", "authorization", "x-request-id"})
 TRUSTED = ForwardedPolicy(["10.0.0.0/8"])

@@ -11,8 +11,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from sidecar.appkeys import SESSIONS
 from sidecar.session import SessionRecord
+from sidecar.web.keys import SESSIONS
 from tests.support.configs import make_config
 from tests.support.raw_http import StartRaw
 from tests.support.records import record

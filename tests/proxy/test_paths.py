@@ -1,4 +1,5 @@
-"""The canonical path (sidecar/paths.py): one reading of a path for routing, rules and upstream."""
+"""The canonical path (sidecar/forwarding/paths.py): one reading of a path for routing, rules
+and upstream."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.paths import BadPath, CanonicalPath, canonical_path
-from sidecar.proxy import PathPrefixes, path_matches
+from sidecar.forwarding.paths import BadPath, CanonicalPath, canonical_path
+from sidecar.forwarding.upstream import PathPrefixes, path_matches
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_a_known_path_gets_the_same_answer_again(tail: str) -> None:
 
 def test_the_kept_answers_stay_bounded() -> None:
     """A stream of unique paths (a scanner) cannot grow the kept answers without bound."""
-    from sidecar import paths
+    from sidecar.forwarding import paths
 
     for n in range(3 * paths._KNOWN_MAX):
         canonical_path(f"/scan/{n}")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sidecar.upstream_http import PoolExhausted, Slots
+from sidecar.forwarding.pool import PoolExhausted, Slots
 
 
 async def test_free_slots_are_taken_without_waiting_then_waits_time_out() -> None:

@@ -1,4 +1,4 @@
-"""The sidecar's own HTTP/1.1 upstream client (`sidecar/upstream_http.py`) against raw servers.
+"""The sidecar's own HTTP/1.1 upstream client (`sidecar/forwarding/pool.py`) against raw servers.
 
 What a pooled keep-alive client must get right that the general proxy tests do not reach:
 an upstream closing an idle connection just as it is reused, informational answers, bodies
@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.upstream_http import ConnectionPool, UnsafeHeader, encode_head
+from sidecar.forwarding.pool import ConnectionPool, UnsafeHeader, encode_head
 from tests.support.configs import upstream_config
 from tests.support.ports import free_port
 from tests.support.raw_http import RawServer, StartRaw, raw_exchange, raw_get, read_request

@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from sidecar.appkeys import METRICS, OIDC, SESSIONS
-from sidecar.devidp.models import DevIdPStats
+from sidecar.dev.idp.models import DevIdPStats
 from sidecar.oidc import TokenResponse
 from sidecar.refresh import MemoryLocks, RedisLocks, refresh_window
 from sidecar.refresh import protocol as refresh_protocol
 from sidecar.session import SessionManager, SessionRecord, session_hash
+from sidecar.web.keys import METRICS, OIDC, SESSIONS
 from tests.support.configs import make_config
 from tests.support.idp import ThreadedIdP
 from tests.support.login import JSON, NAVIGATE, login_cookie
@@ -693,8 +693,8 @@ async def test_watchdog_error_does_not_discard_grant(
     rig: Rig, store_kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Redis blip while extending the lock does not throw away a successful refresh grant."""
-    from sidecar.appkeys import REFRESHER
     from sidecar.errors import StoreUnavailable
+    from sidecar.web.keys import REFRESHER
 
     sc = await rig.sidecar(store_kind, idp_timeout="2s", lock_ttl="3s", wait_timeout="2s")
     cookie = await rig.login(sc)

@@ -27,10 +27,11 @@ from sidecar.config import RefreshConfig, SessionConfig
 from sidecar.errors import IdPUnavailable, RefreshUnavailable, TokenRequestError
 from sidecar.metrics import Metrics
 from sidecar.oidc import TokenResponse
+from sidecar.redis.store import RedisSessionStore
 from sidecar.refresh import RedisLocks, Refresher
 from sidecar.refresh import protocol as refresh_protocol
 from sidecar.refresh.events import RedisEvents
-from sidecar.session import Keyring, RedisSessionStore, Session, SessionManager, SessionRecord
+from sidecar.session import Keyring, Session, SessionManager, SessionRecord
 from tests.support.keys import TEST_KEY
 from tests.support.stores import REDIS_URL
 

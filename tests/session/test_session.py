@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as redis
 
 from sidecar.config import SessionConfig
+from sidecar.redis.store import RedisSessionStore
 from sidecar.session import (
     Keyring,
     PendingLogin,
-    RedisSessionStore,
     SealError,
     SessionManager,
     SessionRecord,

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import SessionConfig
+from sidecar.redis.store import RedisSessionStore
 from sidecar.session import (
     MemorySessionStore,
-    RedisSessionStore,
     Session,
     SessionManager,
 )

@@ -1,4 +1,4 @@
-"""The dev IdP (sidecar.devidp) served from a thread, and what tests read from it or set on it.
+"""The dev IdP (sidecar.dev.idp) served from a thread, and what tests read from it or set on it.
 
 One shared IdP serves every sidecar `configs.config_dict` builds; tests that turn its knobs
 (token lifetime, failures, delays) or count its grants start one of their own, so that
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sidecar.devidp import DevClient, DevIdP, default_users
-from sidecar.devidp.provider import GarbageKind
+from sidecar.dev.idp import DevClient, DevIdP, default_users
+from sidecar.dev.idp.provider import GarbageKind
 from tests.support.ports import free_port
 from tests.support.threads import AppThread
 

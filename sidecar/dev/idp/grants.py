@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sidecar.devidp.errors import CodeReplayed, InvalidGrant, RefreshTokenReused
+from sidecar.dev.idp.errors import CodeReplayed, InvalidGrant, RefreshTokenReused
 
 __all__ = ["AuthorizationCode", "GrantFamily", "GrantStore", "IdPSession"]
 

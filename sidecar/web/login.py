@@ -18,11 +18,11 @@ from typing import Final
 from aiohttp import web
 from yarl import URL
 
-from sidecar.appkeys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
-from sidecar.responses import error_response, is_navigation
 from sidecar.session import PendingLogin, SessionRecord
+from sidecar.web.keys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
+from sidecar.web.responses import error_response, is_navigation
 
 __all__ = [
     "callback",
@@ -35,7 +35,7 @@ __all__ = [
     "userinfo",
 ]
 
-log = logging.getLogger("sidecar.login")
+log = logging.getLogger("sidecar.web.login")
 
 START_PATH: Final = "/oauth2/start"
 # Ceilings on callback parameters: real codes and states are far below these.

@@ -20,12 +20,12 @@ from joserfc.errors import JoseError
 from joserfc.jws import extract_compact
 
 from sidecar.config import Config
-from sidecar.devidp import DevClient, DevIdP, default_users
+from sidecar.dev.idp import DevClient, DevIdP, default_users
 from sidecar.server import serve
 
 __all__ = ["demo_config", "run_demo"]
 
-log = logging.getLogger("sidecar.demo")
+log = logging.getLogger("sidecar.dev.demo")
 
 _HOST: Final = "127.0.0.1"  # loopback only, whatever else is configured
 ACCESS_TOKEN_TTL: Final = 30.0  # short, so refreshes can be watched on the page

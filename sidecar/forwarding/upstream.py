@@ -18,15 +18,14 @@ from yarl import URL
 
 from sidecar.config import UpstreamConfig
 from sidecar.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from sidecar.headers import (
+from sidecar.forwarding.headers import (
     WEBSOCKET_HANDSHAKE,
     ForwardedPolicy,
     RequestHeaderFilter,
     response_headers,
 )
-from sidecar.metrics import Metrics
-from sidecar.paths import PATH, CanonicalPath
-from sidecar.upstream_http import (
+from sidecar.forwarding.paths import PATH, CanonicalPath
+from sidecar.forwarding.pool import (
     ConnectFailed,
     ConnectionPool,
     PoolExhausted,
@@ -34,10 +33,11 @@ from sidecar.upstream_http import (
     UpstreamResponse,
     encode_head,
 )
+from sidecar.metrics import Metrics
 
 __all__ = ["PathPrefixes", "Router", "Upstream", "path_matches"]
 
-log = logging.getLogger("sidecar.proxy")
+log = logging.getLogger("sidecar.forwarding.upstream")
 
 # Headers aiohttp's client would otherwise add by itself; the upstream must see the
 # client's request, not ours.

@@ -22,7 +22,7 @@ from typing import Final
 from aiohttp import web
 
 from sidecar.config import LoginConfig
-from sidecar.headers import ForwardedPolicy
+from sidecar.forwarding.headers import ForwardedPolicy
 
 __all__ = ["ClientRateLimiter", "TokenBuckets", "client_key"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from sidecar.access import allowed
+from sidecar.access.rules import allowed
 from sidecar.config import AccessConfig, InjectConfig
-from sidecar.headers import identity_headers
+from sidecar.forwarding.headers import identity_headers
 from sidecar.session.record import Session
 
 __all__ = ["Admission"]

@@ -11,9 +11,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from sidecar.config import RedisConfig
 from sidecar.errors import StoreUnavailable
-from sidecar.session import redis_connect
-from sidecar.session.redis_changes import follow_changes
-from sidecar.session.redis_connect import RedisClient
+from sidecar.redis import connect as redis_connect
+from sidecar.redis.changes import follow_changes
+from sidecar.redis.connect import RedisClient
 
 __all__ = ["RedisSessionStore", "milliseconds", "translated_errors"]
 

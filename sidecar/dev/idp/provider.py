@@ -32,14 +32,14 @@ from joserfc.errors import JoseError
 from joserfc.jwt import JWTClaimsRegistry
 from yarl import URL
 
-from sidecar.devidp.authorize import (
+from sidecar.dev.idp.authorize import (
     SCOPES_SUPPORTED,
     AuthorizationRequest,
     validate_request,
     validate_target,
 )
-from sidecar.devidp.clientauth import AUTH_METHODS, BASIC_CHALLENGE, authenticate_client
-from sidecar.devidp.errors import (
+from sidecar.dev.idp.clientauth import AUTH_METHODS, BASIC_CHALLENGE, authenticate_client
+from sidecar.dev.idp.errors import (
     AccessDenied,
     BadAuthorizationTarget,
     CodeReplayed,
@@ -55,11 +55,11 @@ from sidecar.devidp.errors import (
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
-from sidecar.devidp.grants import GrantFamily, GrantStore, IdPSession
-from sidecar.devidp.keys import ALGORITHM, SigningKeys
-from sidecar.devidp.models import DevClient, DevIdPStats, DevUser, default_users
-from sidecar.devidp.pages import error_page, logged_out_page, login_page
-from sidecar.devidp.tokens import (
+from sidecar.dev.idp.grants import GrantFamily, GrantStore, IdPSession
+from sidecar.dev.idp.keys import ALGORITHM, SigningKeys
+from sidecar.dev.idp.models import DevClient, DevIdPStats, DevUser, default_users
+from sidecar.dev.idp.pages import error_page, logged_out_page, login_page
+from sidecar.dev.idp.tokens import (
     ACCESS_TOKEN_TYP,
     LOGOUT_TOKEN_TYP,
     access_token_claims,

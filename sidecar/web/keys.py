@@ -6,17 +6,17 @@ from typing import Final
 
 from aiohttp import web
 
-from sidecar.admission import Admission
+from sidecar.access.admission import Admission
 from sidecar.config import Config
-from sidecar.headers import ForwardedPolicy
+from sidecar.forwarding.headers import ForwardedPolicy
+from sidecar.forwarding.upstream import Router
 from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
-from sidecar.proxy import Router
-from sidecar.ratelimit import ClientRateLimiter
 from sidecar.refresh import Events, Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
+from sidecar.web.ratelimit import ClientRateLimiter
 
 __all__ = [
     "ADMISSION",
@@ -43,7 +43,7 @@ SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
 EVENTS: Final = web.AppKey("events", Events)
-# Per client address, on `/oauth2/start` (sidecar/ratelimit.py).
+# Per client address, on `/oauth2/start` (sidecar/web/ratelimit.py).
 LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.

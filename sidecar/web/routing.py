@@ -2,8 +2,9 @@
 then the sidecar endpoint or the proxy.
 
 aiohttp's router would match on its own decoded reading of the path; here every decision is
-taken on the canonical path (sidecar/paths.py) instead, so `/oauth2/./auth` and `//oauth2/auth`
-are the endpoint they spell and an upstream never receives a path the sidecar did not check.
+taken on the canonical path (sidecar/forwarding/paths.py) instead, so `/oauth2/./auth` and
+`//oauth2/auth` are the endpoint they spell and an upstream never receives a path the sidecar
+did not check.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar.appkeys import ROUTE
-from sidecar.headers import AUTHORITY
-from sidecar.paths import PATH, BadPath, canonical_path
-from sidecar.responses import answer_and_close, error_response
+from sidecar.forwarding.headers import AUTHORITY
+from sidecar.forwarding.paths import PATH, BadPath, canonical_path
+from sidecar.web.keys import ROUTE
+from sidecar.web.responses import answer_and_close, error_response
 
 __all__ = ["Dispatcher"]
 
@@ -79,7 +80,7 @@ async def _not_allowed(request: web.Request, methods: Mapping[str, Handler]) -> 
 
 
 async def _refuse(request: web.Request, problem: str) -> web.StreamResponse:
-    """400, and nothing more is read from the connection (sidecar/responses.py)."""
+    """400, and nothing more is read from the connection (sidecar/web/responses.py)."""
     request[ROUTE] = "refused"
     return await answer_and_close(request, error_response(request, 400, "bad_request", problem))
 

@@ -7,7 +7,7 @@ import base64
 import hashlib
 from typing import Any
 
-from sidecar.devidp.models import DevUser
+from sidecar.dev.idp.models import DevUser
 
 __all__ = [
     "ACCESS_TOKEN_TYP",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from html import escape
 
-from sidecar.devidp.models import DevUser
+from sidecar.dev.idp.models import DevUser
 
 __all__ = ["error_page", "logged_out_page", "login_page"]
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.appkeys import ADMISSION, COOKIES, FORWARDED, REFRESHER, ROUTE, SESSIONS
 from sidecar.errors import SessionEnded
-from sidecar.login import START_PATH, unauthorized_json
-from sidecar.responses import error_response
+from sidecar.web.keys import ADMISSION, COOKIES, FORWARDED, REFRESHER, ROUTE, SESSIONS
+from sidecar.web.login import START_PATH, unauthorized_json
+from sidecar.web.responses import error_response
 
 __all__ = ["forward_auth"]
 

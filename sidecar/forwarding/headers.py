@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.access import claim_values
+from sidecar.access.rules import claim_values
 from sidecar.config import InjectConfig
 from sidecar.session.record import SessionRecord
 

@@ -22,7 +22,7 @@ from redis.asyncio.cluster import ClusterPubSub
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreUnavailable
-from sidecar.session.redis_connect import RedisClient
+from sidecar.redis.connect import RedisClient
 
 __all__ = ["follow_changes"]
 

@@ -8,8 +8,8 @@ import hmac
 from collections.abc import Mapping, Sequence
 from urllib.parse import unquote_plus
 
-from sidecar.devidp.errors import InvalidClient, InvalidRequest
-from sidecar.devidp.models import DevClient
+from sidecar.dev.idp.errors import InvalidClient, InvalidRequest
+from sidecar.dev.idp.models import DevClient
 
 __all__ = ["AUTH_METHODS", "BASIC_CHALLENGE", "authenticate_client"]
 

@@ -9,7 +9,6 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar.appkeys import METRICS, ROUTE
 from sidecar.errors import (
     IdPError,
     RefreshUnavailable,
@@ -20,8 +19,9 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.logging import REQUEST_ID, request_id_for
-from sidecar.login import unauthenticated
-from sidecar.responses import answer_and_close, error_response
+from sidecar.web.keys import METRICS, ROUTE
+from sidecar.web.login import unauthenticated
+from sidecar.web.responses import answer_and_close, error_response
 
 __all__ = ["map_errors", "observe"]
 

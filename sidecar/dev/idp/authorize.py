@@ -10,13 +10,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sidecar.devidp.errors import (
+from sidecar.dev.idp.errors import (
     BadAuthorizationTarget,
     InvalidRequest,
     InvalidScope,
     UnsupportedResponseType,
 )
-from sidecar.devidp.models import DevClient
+from sidecar.dev.idp.models import DevClient
 
 __all__ = ["SCOPES_SUPPORTED", "AuthorizationRequest", "validate_request", "validate_target"]
 

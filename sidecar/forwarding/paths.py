@@ -50,7 +50,7 @@ _KNOWN: dict[str, CanonicalPath] = {}
 _KNOWN_MAX: Final = 4096
 _KNOWN_LENGTH: Final = 256
 
-# The request's canonical path, set by the front door (sidecar/routing.py) before any handler.
+# The request's canonical path, set by the front door (sidecar/web/routing.py) before any handler.
 PATH: Final = web.RequestKey("canonical_path", CanonicalPath)
 
 

@@ -1,0 +1,1 @@
+"""To the upstream: the canonical path, header policy, upstream routing, the client pool."""
