@@ -18,10 +18,8 @@ from sidecar.access.admission import Admission
 from sidecar.config import Config
 from sidecar.errors import StoreUnavailable
 from sidecar.forwarding.headers import ForwardedPolicy, injected_names
-from sidecar.forwarding.paths import PATH
 from sidecar.forwarding.upstream import PathPrefixes, Router, Upstream
 from sidecar.health import Readiness, healthz, readyz
-from sidecar.logging import REQUEST_ID
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
 from sidecar.redis.store import RedisSessionStore
@@ -37,7 +35,7 @@ from sidecar.refresh import (
 from sidecar.session import Keyring, MemorySessionStore, SessionManager
 from sidecar.session.cookie import Cookies
 from sidecar.session.store import SessionStore
-from sidecar.web import login
+from sidecar.web import login, logout, userinfo
 from sidecar.web.forward_auth import forward_auth
 from sidecar.web.keys import (
     ADMISSION,
@@ -48,15 +46,15 @@ from sidecar.web.keys import (
     LOGIN_LIMITER,
     METRICS,
     OIDC,
+    PUBLIC,
     READINESS,
     REFRESHER,
-    ROUTE,
     ROUTER,
     SESSIONS,
 )
 from sidecar.web.middleware import add_request_id, map_errors, observe
+from sidecar.web.proxy import proxy
 from sidecar.web.ratelimit import ClientRateLimiter
-from sidecar.web.responses import error_response
 from sidecar.web.routing import Dispatcher
 
 __all__ = ["build_apps"]
@@ -64,7 +62,6 @@ __all__ = ["build_apps"]
 log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
-PUBLIC: Final = web.AppKey("public_paths", PathPrefixes)
 _CLOSE_TIMEOUT: Final = 2.0  # a background task gets this long to stop at shutdown
 
 
@@ -119,8 +116,8 @@ def build_apps(
     endpoints = {
         "/oauth2/start": {"GET": login.start},
         "/oauth2/callback": {"GET": login.callback},
-        "/oauth2/sign_out": {"GET": login.sign_out, "POST": login.sign_out},
-        "/oauth2/userinfo": {"GET": login.userinfo},
+        "/oauth2/sign_out": {"GET": logout.sign_out, "POST": logout.sign_out},
+        "/oauth2/userinfo": {"GET": userinfo.userinfo},
         "/oauth2/auth": {"*": forward_auth},  # front proxies may send the original method
     }
     main = web.Application(middlewares=[observe, map_errors, Dispatcher(endpoints, proxy)])
@@ -212,34 +209,6 @@ async def _identity_provider(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await discovery
     await oidc.close()
-
-
-async def proxy(request: web.Request) -> web.StreamResponse:
-    """Everything that is not a sidecar endpoint: session → access rules → headers → upstream."""
-    target = request[PATH]
-    upstream = request.app[ROUTER].match(target.path)
-    if upstream is None:
-        request[ROUTE] = "unrouted"
-        return error_response(request, 404, "no_upstream", "no upstream serves this path")
-    request[ROUTE] = upstream.prefix
-    if target.encoded_slash or target.params:
-        refusal = upstream.refuses(target)
-        if refusal is not None:
-            return error_response(request, 400, "bad_request", refusal)
-    extra = [("X-Request-Id", request[REQUEST_ID])]
-    if target.path in request.app[PUBLIC]:
-        return await upstream.forward(request, extra)
-
-    cookies = request.app[COOKIES]
-    session = await request.app[SESSIONS].current(cookies.session_id(request))
-    if session is None:
-        return login.unauthenticated(request)
-    session = await request.app[REFRESHER].ensure_fresh(session)
-    identity = request.app[ADMISSION].headers(session, upstream.prefix, upstream.config.access)
-    if identity is None:
-        return error_response(request, 403, "forbidden", "you are not allowed to see this")
-    extra.extend(identity)
-    return await upstream.forward(request, extra)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -7,14 +7,14 @@ upstream, not on every request (claims walked, header values cleaned).
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
-from sidecar.access.rules import allowed
+from sidecar.access.rules import allowed, claim_values
 from sidecar.config import AccessConfig, InjectConfig
-from sidecar.forwarding.headers import identity_headers
-from sidecar.session.record import Session
+from sidecar.session.record import Session, SessionRecord
 
-__all__ = ["Admission"]
+__all__ = ["Admission", "identity_headers"]
 
 _MAX_ENTRIES: Final = 10_000  # answers kept; the map starts over when full
 _Key = tuple[str, int, str]
@@ -48,3 +48,23 @@ class Admission:
             answers.clear()
         answers[key] = answer
         return answer
+
+
+def identity_headers(record: SessionRecord, inject: InjectConfig) -> list[tuple[str, str]]:
+    """`Authorization: Bearer …` and the configured claim headers for one session."""
+    out: list[tuple[str, str]] = []
+    if inject.authorization == "access_token":
+        out.append(("Authorization", f"Bearer {record.access_token}"))
+    elif inject.authorization == "id_token" and record.id_token:
+        out.append(("Authorization", f"Bearer {record.id_token}"))
+    claims: Mapping[str, Any] = {**record.claims, "sub": record.subject}
+    for header, path in inject.headers.items():
+        values = claim_values(claims, path)
+        if values:
+            # Header values must not carry line breaks or controls from a claim.
+            out.append((header, ",".join(_printable(v) for v in values)))
+    return out
+
+
+def _printable(value: str) -> str:
+    return "".join(c for c in value if c >= " " and c != "\x7f")

@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
-from sidecar.access.rules import claim_values
 from sidecar.config import InjectConfig
-from sidecar.session.record import SessionRecord
 
 __all__ = [
     "AUTHORITY",
     "ForwardedPolicy",
     "RequestHeaderFilter",
-    "identity_headers",
     "injected_names",
     "response_headers",
 ]
@@ -230,23 +226,3 @@ def injected_names(inject: InjectConfig) -> frozenset[str]:
     names.add("authorization")  # dropped even with `none`: a client must not choose the token
     names.add("x-request-id")  # set from the request's own id, which honours a well-formed one
     return frozenset(names)
-
-
-def identity_headers(record: SessionRecord, inject: InjectConfig) -> list[tuple[str, str]]:
-    """`Authorization: Bearer …` and the configured claim headers for one session."""
-    out: list[tuple[str, str]] = []
-    if inject.authorization == "access_token":
-        out.append(("Authorization", f"Bearer {record.access_token}"))
-    elif inject.authorization == "id_token" and record.id_token:
-        out.append(("Authorization", f"Bearer {record.id_token}"))
-    claims: Mapping[str, Any] = {**record.claims, "sub": record.subject}
-    for header, path in inject.headers.items():
-        values = claim_values(claims, path)
-        if values:
-            # Header values must not carry line breaks or controls from a claim.
-            out.append((header, ",".join(_printable(v) for v in values)))
-    return out
-
-
-def _printable(value: str) -> str:
-    return "".join(c for c in value if c >= " " and c != "\x7f")

@@ -13,8 +13,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.errors import SessionEnded
-from sidecar.web.keys import ADMISSION, COOKIES, FORWARDED, REFRESHER, ROUTE, SESSIONS
-from sidecar.web.login import START_PATH, unauthorized_json
+from sidecar.web.authenticate import START_PATH, authenticate, unauthorized_json
+from sidecar.web.keys import ADMISSION, FORWARDED, REFRESHER, ROUTE
 from sidecar.web.responses import error_response
 
 __all__ = ["forward_auth"]
@@ -30,7 +30,7 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
             "untrusted_peer",
             "forward-auth answers only the proxies listed in server.trusted_proxies",
         )
-    session = await request.app[SESSIONS].current(request.app[COOKIES].session_id(request))
+    session = await authenticate(request)
     if session is None:
         return unauthorized_json(START_PATH)
     try:

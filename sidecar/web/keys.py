@@ -9,7 +9,7 @@ from aiohttp import web
 from sidecar.access.admission import Admission
 from sidecar.config import Config
 from sidecar.forwarding.headers import ForwardedPolicy
-from sidecar.forwarding.upstream import Router
+from sidecar.forwarding.upstream import PathPrefixes, Router
 from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
@@ -27,6 +27,7 @@ __all__ = [
     "LOGIN_LIMITER",
     "METRICS",
     "OIDC",
+    "PUBLIC",
     "READINESS",
     "REFRESHER",
     "ROUTE",
@@ -46,5 +47,6 @@ EVENTS: Final = web.AppKey("events", Events)
 # Per client address, on `/oauth2/start` (sidecar/web/ratelimit.py).
 LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)
+PUBLIC: Final = web.AppKey("public_paths", PathPrefixes)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

@@ -19,8 +19,8 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.logging import REQUEST_ID, request_id_for
+from sidecar.web.authenticate import unauthenticated
 from sidecar.web.keys import METRICS, ROUTE
-from sidecar.web.login import unauthenticated
 from sidecar.web.responses import answer_and_close, error_response
 
 __all__ = ["map_errors", "observe"]

@@ -1,0 +1,71 @@
+"""`/oauth2/sign_out`: end the session, revoke its refresh token, and log out at the IdP
+(OpenID Connect RP-Initiated Logout 1.0). A POST from this site only (CSRF defence); a GET
+answers a page with the button.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from aiohttp import web
+from yarl import URL
+
+from sidecar.web.authenticate import redirect
+from sidecar.web.keys import CONFIG, COOKIES, OIDC, ROUTE, SESSIONS
+from sidecar.web.responses import error_response
+
+__all__ = ["sign_out"]
+
+log = logging.getLogger("sidecar.web.logout")
+
+
+async def sign_out(request: web.Request) -> web.StreamResponse:
+    """Delete the session, revoke its refresh token, and send the browser to the IdP's logout."""
+    request[ROUTE] = "oauth2_sign_out"
+    config, client = request.app[CONFIG], request.app[OIDC]
+    sessions, cookies = request.app[SESSIONS], request.app[COOKIES]
+    if request.method != "POST":
+        return web.Response(text=_SIGN_OUT_PAGE, content_type="text/html")
+    if not _same_origin(request, config.server.public_url):
+        return error_response(request, 403, "cross_site", "sign-out must come from this site")
+
+    session = await sessions.load(cookies.session_id(request))
+    id_token = None
+    if session is not None:
+        await sessions.delete(session)
+        id_token = session.record.id_token
+        if session.record.refresh_token:
+            await client.revoke(session.record.refresh_token)
+        log.info("logout", extra={"session": session.h[:12]})
+    target = client.end_session_url(id_token) or config.oidc.post_logout_redirect_url or "/"
+    response: web.StreamResponse
+    if _wants_json(request):
+        response = web.json_response({"logout_url": target}, headers={"Cache-Control": "no-store"})
+    else:
+        response = redirect(target, status=303)
+    cookies.clear_session(response)
+    return response
+
+
+def _same_origin(request: web.Request, public_url: str) -> bool:
+    """CSRF defence for sign-out: refuse what a browser marks as coming from another site."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        allowed = {str(URL(public_url).origin()), f"{request.scheme}://{request.host}"}
+        return origin in allowed
+    return True
+
+
+def _wants_json(request: web.Request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+_SIGN_OUT_PAGE: Final = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign out</title></head>
+<body><form method="post" action="/oauth2/sign_out">
+<button type="submit">Sign out</button></form></body></html>
+"""
