@@ -1,6 +1,7 @@
 """The one wiring point: builds the main and management applications from a `Config`.
 
-Every route of DESIGN §2 is registered here, so the table can be checked on one screen.
+Every route (docs/architecture.md, "Endpoints") is registered here, so the table can be checked
+on one screen.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def build_apps(
         redirect_uri=config.server.public_url + "/oauth2/callback",
         timeout=config.refresh.idp_timeout,
         readiness=readiness,
-        # A refresh grant outliving its callers is waited for, not abandoned (DESIGN §5).
+        # A refresh grant outliving its callers is waited for, not abandoned (docs/refresh.md).
         answer_within=config.refresh.late_answer_timeout,
     )
 

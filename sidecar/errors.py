@@ -115,7 +115,8 @@ class IdPUnavailable(IdPError):
     """The IdP could not be reached, timed out, or answered with something unusable.
 
     `maybe_sent` is False only when the request certainly never left (connection refused,
-    DNS failure, connect timeout): only then may a refresh grant be retried (DESIGN §5.5).
+    DNS failure, connect timeout): only then may a refresh grant be retried (docs/refresh.md,
+    step 5).
     """
 
     code = "idp_unavailable"

@@ -1,4 +1,4 @@
-"""Liveness and readiness (DESIGN §6, probes).
+"""Liveness and readiness (docs/operations.md, "Probes").
 
 Dependencies report their own state here; the probe handlers only read it, so a probe
 never waits on Redis or the IdP. A dependency is required until it has answered once;

@@ -1,4 +1,4 @@
-"""Typed, frozen models of every configuration section (DESIGN §7).
+"""Typed, frozen models of every configuration section (docs/configuration.md).
 
 One model per YAML section; unknown keys are errors so that typos never pass silently.
 """
@@ -254,7 +254,7 @@ class RefreshConfig(_Section):
 
     @model_validator(mode="after")
     def _relations(self) -> Self:
-        # DESIGN §5 step 3: the lock must outlive the IdP call, and a waiter must wait at
+        # docs/refresh.md step 3: the lock must outlive the IdP call, and a waiter must wait at
         # least as long as the holder's call can take.
         if self.idp_timeout <= 0:
             raise ValueError("idp_timeout: must be greater than 0")

@@ -62,7 +62,7 @@ class OIDCClient:
         answer_within: float | None = None,
     ) -> None:
         """`answer_within` (refresh.late_answer_timeout): how long a refresh grant's answer is
-        waited for, past the IdP timeout its callers wait (DESIGN §5 step 5)."""
+        waited for, past the IdP timeout its callers wait (docs/refresh.md step 5)."""
         self.config = config
         self.redirect_uri = redirect_uri
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -91,7 +91,7 @@ class OIDCClient:
         return self._metadata
 
     async def discover_forever(self) -> None:
-        """Load metadata and keys, retrying with backoff until both succeed (boot, DESIGN §6)."""
+        """Load metadata and keys, retrying with backoff until both succeed (docs/operations.md)."""
         delay = _RETRY_MIN
         while True:
             try:
@@ -139,7 +139,7 @@ class OIDCClient:
     async def refresh(self, refresh_token: str) -> TokenResponse:
         """Refresh grant (RFC 6749 §6), sent once: with rotation it is not idempotent.
 
-        Only a request that certainly never left is tried a second time (DESIGN §5.5).
+        Only a request that certainly never left is tried a second time (docs/refresh.md step 5).
         `answer_within` bounds the answer (default: the IdP timeout); connecting stays
         bounded by the IdP timeout, so an unreachable IdP is still told apart (never sent).
         """

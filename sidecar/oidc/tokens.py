@@ -26,7 +26,7 @@ def user_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def access_token_expiry(tokens: TokenResponse, requested_at: float) -> float:
-    """When the access token stops working, as a Unix time (DESIGN §5 step 6).
+    """When the access token stops working, as a Unix time (docs/refresh.md step 6).
 
     `expires_in` counts from when the IdP issued the token, which is after we sent the
     request: counting from `requested_at` errs early, never late. A JWT `exp` earlier than

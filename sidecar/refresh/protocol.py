@@ -1,4 +1,4 @@
-"""`ensure_fresh`: the refresh protocol of DESIGN §5, read top to bottom.
+"""`ensure_fresh`: the refresh protocol of docs/refresh.md, read top to bottom.
 
 1. Fresh enough → use the token; no lock, no write.
 2. In-process single-flight per session, in a shielded task of its own.
@@ -80,7 +80,7 @@ class _Lease:
 
 
 def refresh_window(record: SessionRecord, before_expiry: float) -> float:
-    """Refresh when less than `min(before_expiry, lifetime / 2)` is left (DESIGN §5 step 1)."""
+    """Refresh when less than `min(before_expiry, lifetime / 2)` is left (docs/refresh.md)."""
     lifetime = max(0.0, record.access_expires_at - record.refreshed_at)
     return min(before_expiry, lifetime / 2)
 
@@ -148,7 +148,8 @@ class Refresher:
         """The flight's result, or after `idp_timeout` of grant the current token / 503.
 
         The grant is not abandoned at `idp_timeout`: with rotation, presenting the same
-        refresh token again after a timeout gets the grant revoked (DESIGN §5 invariant).
+        refresh token again after a timeout gets the grant revoked (docs/refresh.md, "Late
+        answers").
         Only this caller stops waiting; the task keeps the lock and stores a late answer.
         """
         arrived = time.monotonic()
@@ -168,7 +169,8 @@ class Refresher:
         return self._current_or_unavailable(session)
 
     def _current_or_unavailable(self, session: Session) -> Session:
-        """DESIGN §6: the IdP is slow: use the current token while valid, else 503."""
+        """The IdP is slow: use the current token while valid, else 503 (docs/architecture.md,
+        "Failure policy")."""
         record = session.record
         if record.access_expires_at - self._clock() > _margin(record):
             return session
@@ -244,8 +246,8 @@ class Refresher:
                 self._unavailable(current.record)
             if time.monotonic() >= deadline:
                 break
-        # The holder's grant may still be running (a late answer is waited for): DESIGN §6,
-        # a still-valid token is forwarded meanwhile.
+        # The holder's grant may still be running (a late answer is waited for): a still-valid
+        # token is forwarded meanwhile (docs/architecture.md, "Failure policy").
         self._current_or_unavailable(current)
         return current, Outcome.WAIT_TIMEOUT
 
@@ -315,7 +317,7 @@ class Refresher:
             await self._sessions.delete(session)
             await self._events.publish(session.h, ENDED)
             # A mark left by a holder that never wrote its result: the IdP rotated, we lost
-            # the new token (DESIGN §5 invariant's one hole). Otherwise: revoked.
+            # the new token (the invariant's one hole, docs/architecture.md). Otherwise: revoked.
             reason = (
                 Outcome.INVALID_GRANT_LOST_ROTATION
                 if interrupted
@@ -362,8 +364,9 @@ class Refresher:
         """The fenced write of a rotated token set, tried again through a Redis outage.
 
         The IdP has rotated: giving up loses the new refresh token, and the session with it
-        (DESIGN §5's hole). While our lock surely holds nobody else can present the old
-        refresh token, so a write that failed for want of Redis is retried until then.
+        (the invariant's one hole, docs/architecture.md). While our lock surely holds nobody
+        else can present the old refresh token, so a write that failed for want of Redis is
+        retried until then.
         """
         retried = False
         while True:

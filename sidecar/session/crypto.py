@@ -1,4 +1,4 @@
-"""AES-256-GCM envelopes under per-session keys (DESIGN §4 "Encryption").
+"""AES-256-GCM envelopes under per-session keys (docs/sessions.md).
 
 Each record is sealed under `HKDF-SHA256(master key, info = session id)`. The raw session
 id lives only in the browser's cookie, so a Redis dump, even with the master keys, opens

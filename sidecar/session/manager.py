@@ -29,7 +29,7 @@ __all__ = ["LOGIN_TTL", "PendingLogin", "Session", "SessionManager", "subject_ke
 
 log = logging.getLogger("sidecar.session")
 
-LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (DESIGN §4)
+LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (docs/sessions.md)
 _SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _TOUCH_MEMORY: Final = 100_000  # sessions whose last idle-timeout touch time is remembered
 _FEED_RETRY: Final = 0.5  # seconds before following the change feed again after it failed
@@ -236,7 +236,7 @@ class SessionManager:
         record = session.record
         try:
             await self.store.unindex(session.h, *self._index_keys(record))
-        except Exception:  # index keys are best-effort (DESIGN §4)
+        except Exception:  # index keys are best-effort (docs/sessions.md)
             log.warning("session index cleanup failed", extra={"session": session.h[:12]})
 
     async def mark_grant_sent(self, session: Session, at: float) -> None:

@@ -21,7 +21,7 @@ RECORD_FORMAT: Final = 1
 # content an attacker controls (own claims) sits in their own record, sealed under its own
 # key, so the compressed length reveals nothing about anyone else's secrets.
 _ZLIB_LEVEL: Final = 6
-_ID_BYTES: Final = 32  # 256-bit session ids (DESIGN §4)
+_ID_BYTES: Final = 32  # 256-bit session ids (docs/sessions.md)
 
 
 def new_session_id() -> str:

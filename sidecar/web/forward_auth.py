@@ -1,4 +1,5 @@
-"""`/oauth2/auth`: the forward-auth check for nginx `auth_request`, Traefik and Envoy (DESIGN §2).
+"""`/oauth2/auth`: the forward-auth check for nginx `auth_request`, Traefik and Envoy
+(docs/sessions.md, "Forward auth").
 
 2xx with the identity headers the proxy would inject (the front proxy copies them upstream),
 401 without a usable session, 403 when the access rules refuse. Never a redirect: the front

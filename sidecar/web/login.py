@@ -89,7 +89,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         )
     secret = cookies.login_secret(request) or ""
     if not hmac.compare_digest(_digest(secret), pending.binding_hash):
-        # DESIGN §4 "Login": no login CSRF; a login finishes only where it started.
+        # docs/sessions.md, "Login": no login CSRF; a login finishes only where it started.
         return _login_failed(
             request, 400, "login_not_bound", "This login was started in another browser."
         )

@@ -1,4 +1,5 @@
-"""The main listener's middlewares: request context and metrics, then DESIGN §6 error mapping."""
+"""The main listener's middlewares: request context and metrics, then errors mapped to short
+answers (docs/architecture.md, "Failure policy")."""
 
 from __future__ import annotations
 

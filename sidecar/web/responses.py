@@ -20,7 +20,8 @@ _PAGE = """<!doctype html>
 
 
 def is_navigation(request: web.BaseRequest) -> bool:
-    """A browser loading a page, rather than a script or API client (DESIGN §6)."""
+    """A browser loading a page, rather than a script or API client (docs/architecture.md,
+    "Failure policy")."""
     mode = request.headers.get("Sec-Fetch-Mode")
     if mode is not None:
         return mode == "navigate" and request.headers.get("Sec-Fetch-Dest", "document") in (

@@ -1,4 +1,4 @@
-"""The `auth-sidecar` command line, mostly run as real processes (DESIGN §7)."""
+"""The `auth-sidecar` command line, mostly run as real processes (docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Configuration: reference expansion, scalar types, and errors that name the key (DESIGN §7)."""
+"""Configuration: reference expansion, scalar types, and errors that name the key
+(docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_example_config_is_valid() -> None:
 
 
 def test_example_documents_every_key() -> None:
-    """Every key the models know appears in config.example.yaml (DESIGN §7)."""
+    """Every key the models know appears in config.example.yaml (docs/configuration.md)."""
     data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
 
     def missing(model: Any, node: dict[str, Any], where: str) -> list[str]:

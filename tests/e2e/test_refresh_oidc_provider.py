@@ -6,9 +6,10 @@ real Redis; the upstream asks the provider's userinfo endpoint about every token
 While the provider is frozen (SIGSTOP) userinfo cannot answer, so every forwarded token is also
 checked against the provider's own ledger of issued access tokens and their `exp`.
 
-These tests prove DESIGN §5's invariant end to end (one refresh grant per rotation, no refresh
-token presented twice, every forwarded token accepted) across several expiries, that a signing
-key rotation at the IdP is picked up without a restart, and §6's IdP-down rows for a token
+These tests prove the refresh invariant (docs/architecture.md) end to end (one refresh grant
+per rotation, no refresh token presented twice, every forwarded token accepted) across several
+expiries, that a signing key rotation at the IdP is picked up without a restart, and the
+failure policy's IdP-down rows for a token
 endpoint that fails without processing grants, and for a provider frozen past the IdP timeout
 (callers stop waiting; the one grant sent is kept open and its late answer stored).
 """
@@ -368,8 +369,8 @@ async def run_outage(
 
 
 def assert_outage_answers(cluster: Cluster, run: OutageRun) -> None:
-    """DESIGN §6: IdP down, token still valid → forwarded; token expired → 503 + Retry-After;
-    no other status, and no expired token forwarded."""
+    """Failure policy (docs/architecture.md): IdP down, token still valid → forwarded; token
+    expired → 503 + Retry-After; no other status, and no expired token forwarded."""
     context = failure_context(cluster, run.during + run.after)
     statuses = Counter(a.status for a in run.during)
     assert set(statuses) == {200, 503}, (statuses, context)
@@ -444,7 +445,7 @@ async def test_idp_frozen_across_expiry_keeps_session(outage_cluster: Cluster) -
     expired token forwarded): callers stop waiting at the IdP timeout, but the one grant sent
     is not abandoned. Thawed, the provider answers it; the late answer is stored and the same
     session gets 200 with the rotated token: one grant, no refresh token presented twice, no
-    reuse detection, no revocation (DESIGN §5 invariant)."""
+    reuse detection, no revocation (the refresh invariant, docs/architecture.md)."""
     cluster = outage_cluster
     provider = cluster.provider
     run = await run_outage(

@@ -1,4 +1,4 @@
-"""The management listener: /healthz, /readyz and /metrics (DESIGN §2, §6 probes)."""
+"""The management listener: /healthz, /readyz and /metrics (docs/operations.md)."""
 
 from __future__ import annotations
 

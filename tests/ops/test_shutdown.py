@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real `auth-sidecar run` process on SIGTERM (server.py, DESIGN §6)."""
+"""Graceful shutdown of a real `auth-sidecar run` process on SIGTERM (docs/operations.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The refresh protocol (DESIGN §5, §6) driven in-process against a dev IdP of its own.
+"""The refresh protocol (docs/refresh.md) driven in-process against a dev IdP of its own.
 
 Logins get a 1 s access token (refresh window = min(2 s, 1 s / 2) = 0.5 s), so a session
 is due for refresh half a second after login; tokens issued afterwards live 60 s.
@@ -727,7 +727,7 @@ async def test_late_answer_kept_callers_answered_at_idp_timeout(rig: Rig, store_
     """Callers answer at idp_timeout; the grant runs on, its late answer is stored, no 2nd grant.
 
     Without it the timed-out grant was abandoned and the next attempt presented the same
-    refresh token again: reuse detection at an IdP that rotated meanwhile (DESIGN §5).
+    refresh token again: reuse detection at an IdP that rotated meanwhile (docs/refresh.md).
     """
     sc = await rig.sidecar(store_kind, idp_timeout="1s", lock_ttl="3s", wait_timeout="1s")
     cookie = await rig.login(sc)

@@ -1,4 +1,5 @@
-"""Refresh under chaos (issue 4 "Tests", DESIGN §5 and §6): real sidecar processes, real Redis.
+"""Refresh under chaos (issue 4 "Tests", docs/refresh.md and the failure policy): real sidecar
+processes, real Redis.
 
 The module's dev IdP (6-second access tokens, rotation and reuse detection) and the verifying
 upstream run in threads of this process (the `idp` and `upstream` fixtures); the IdP's token
@@ -193,8 +194,9 @@ async def test_lock_holder_killed_mid_refresh(
     final = statuses(second)
     assert len(final) == 1 and set(final) <= {200, 401}, final
     if 401 in final:
-        # DESIGN §5's accepted hole: the killed holder's grant rotated the token (the dev IdP
-        # applies it before its delay), its write was lost; B's attempt hits reuse detection.
+        # The refresh invariant's accepted hole (docs/architecture.md): the killed holder's grant
+        # rotated the token (the dev IdP applies it before its delay), its write was lost; B's
+        # attempt hits reuse detection.
         assert delta(after, before, "reuse_detected") == 1
         assert outcome(metrics, "invalid_grant_lost_rotation") == 1
         print("[kill holder] outcome: clean 401, rotation lost with the holder (accepted hole)")

@@ -1,4 +1,4 @@
-"""Refresh faults left out of `test_refresh_chaos` (issue 4 "Tests", DESIGN §5 step 5-6, §6).
+"""Refresh faults left out of `test_refresh_chaos` (issue 4 "Tests"; docs/refresh.md, steps 5-6).
 
 Real sidecar processes, real Redis, the threaded dev IdP of this module (6-second access
 tokens, rotation and reuse detection; the chaos timeline of tests/support/chaos.py) and the
@@ -9,7 +9,7 @@ verifying upstream (the `idp` and `upstream` fixtures):
   answer is kept;
 - Redis is killed and restarted (same port, fsync'd append-only file) during a refresh.
 
-Each asserts what DESIGN §5 promises: one IdP call per attempt, never a retry of a call that
+Each asserts what docs/refresh.md promises: one IdP call per attempt, never a retry of a call that
 may have reached the IdP, a clean outcome (200, 401 or 503 with Retry-After; never a 500, a
 hang or a forwarded token the IdP refuses) and no reuse detection the design does not accept.
 """
@@ -116,7 +116,8 @@ def outcomes(samples: list[dict[str, float]], name: str) -> float:
 
 
 def assert_unavailable(results: list[Result]) -> None:
-    """DESIGN §6, token expired and the IdP unusable: 503, Retry-After, a short JSON body."""
+    """Token expired and the IdP unusable: 503, Retry-After, a short JSON body
+    (docs/architecture.md, "Failure policy")."""
     for r in results:
         assert r.status == 503, (r.status, r.body)
         assert r.retry_after is not None and int(r.retry_after) >= 1, r.retry_after
@@ -267,7 +268,7 @@ async def test_idp_slower_than_lock_ttl(
     The holder's callers answer at idp_timeout (1 s), the other replica's at wait_timeout
     (1.5 s), all with the still-valid token; the grant keeps running under the watchdog-held
     lock, its late answer is stored and used, and nobody presents the refresh token again:
-    one grant, no reuse detection, the session kept (DESIGN §5 invariant).
+    one grant, no reuse detection, the session kept (the refresh invariant, docs/architecture.md).
 
     The timeline is counted from the token's `exp`, not from the login: the IdP's `exp` is
     whole seconds (floor(issue time) + 6), up to 1 s before the code exchange + 6 s, and the
@@ -492,7 +493,8 @@ async def test_redis_down_at_the_answer_until_the_lock_expired(
     """Redis down from before the IdP's answer until the holder's lock has expired: the
     rotation is lost, cleanly.
 
-    DESIGN §5's one hole: the new refresh token could not be stored while the lock held.
+    The refresh invariant's one hole (docs/architecture.md): the new refresh token could not be
+    stored while the lock held.
     Once Redis is back the next attempt meets reuse detection: 401, a lost rotation in the
     metrics, no 500, no hang.
     """

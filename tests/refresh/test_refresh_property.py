@@ -1,4 +1,5 @@
-"""Property-style test of the refresh protocol (DESIGN §5 invariant), against real Redis.
+"""Property-style test of the refresh protocol (the refresh invariant, docs/architecture.md),
+against real Redis.
 
 K simulated processes (K `Refresher`s, each with its own `SessionManager`, `RedisLocks`,
 `RedisEvents` and Redis connection) share one `RedisSessionStore` and one fake IdP that

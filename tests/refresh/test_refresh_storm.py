@@ -1,4 +1,5 @@
-"""Refresh storms (DESIGN §5 invariant, §6 failure policy) with real processes and real Redis.
+"""Refresh storms (the refresh invariant and the failure policy, docs/architecture.md) with
+real processes and real Redis.
 
 Sidecar replicas run as `auth-sidecar run` subprocesses sharing one Redis key prefix and
 one encryption key; the module's dev IdP (3 s access tokens) and the verifying upstream run in
@@ -205,7 +206,8 @@ async def test_kill_9_replica_mid_storm(idp: ThreadedIdP, start_replicas: StartR
 
     async def kill_one(storm: Storm) -> None:
         # Kill right after a rotation is visible, so the victim holds no refresh half-way:
-        # DESIGN §5 names a holder dying between grant and write as the one unclosable hole.
+        # docs/architecture.md names a holder dying between grant and write as the one
+        # unclosable hole.
         await asyncio.sleep(3.0)
         storm.rotated.clear()
         with contextlib.suppress(TimeoutError):
