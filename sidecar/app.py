@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.access.admission import Admission
+from sidecar.backend import Backend, open_backend
 from sidecar.config import Config
 from sidecar.errors import StoreUnavailable
 from sidecar.forwarding.headers import ForwardedPolicy, injected_names
@@ -23,17 +24,8 @@ from sidecar.forwarding.upstream import PathPrefixes, Router, Upstream
 from sidecar.health import Readiness, healthz, readyz
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
-from sidecar.redis.store import RedisSessionStore
-from sidecar.refresh import (
-    Events,
-    Locks,
-    MemoryEvents,
-    MemoryLocks,
-    RedisEvents,
-    RedisLocks,
-    Refresher,
-)
-from sidecar.session import Keyring, MemorySessionStore, SessionManager
+from sidecar.refresh import Refresher, RefreshTiming
+from sidecar.session import Keyring, SessionManager
 from sidecar.session.cookie import Cookies
 from sidecar.session.store import SessionStore
 from sidecar.web import login, logout, userinfo
@@ -42,7 +34,6 @@ from sidecar.web.keys import (
     ADMISSION,
     CONFIG,
     COOKIES,
-    EVENTS,
     FORWARDED,
     LOGIN_LIMITER,
     METRICS,
@@ -64,14 +55,19 @@ log = logging.getLogger("sidecar")
 
 _STORE_PROBE_INTERVAL: Final = 5.0  # seconds between Redis pings for /readyz
 _CLOSE_TIMEOUT: Final = 2.0  # a background task gets this long to stop at shutdown
+_BACKEND: Final = web.AppKey("backend", Backend)  # what `_session_store` starts and stops
 
 
 def build_apps(
-    config: Config, store: SessionStore | None = None
+    config: Config,
+    store: SessionStore | None = None,
+    *,
+    refresh_timing: RefreshTiming | None = None,
 ) -> tuple[web.Application, web.Application]:
     """The main application (proxy and sidecar endpoints) and the management one.
 
     `store` lets tests share one in-memory store between apps; normally it comes from config.
+    `refresh_timing` lets tests run the refresh protocol with shorter fixed intervals.
     """
     metrics = Metrics()
     readiness = Readiness(config.management.readiness_requires)
@@ -90,19 +86,7 @@ def build_apps(
         )
         for u in config.upstreams
     )
-    if store is None:
-        store = (
-            MemorySessionStore()
-            if config.session.store == "memory"
-            else RedisSessionStore.from_config(config.redis)
-        )
-    locks: Locks
-    events: Events
-    if isinstance(store, RedisSessionStore):
-        locks = RedisLocks(store.client, store.prefix)
-        events = RedisEvents(store.client, store.prefix)
-    else:
-        locks, events = MemoryLocks(), MemoryEvents()
+    backend = open_backend(config, store)
     keyring = Keyring.from_base64([k.get_secret_value() for k in config.session.encryption_keys])
     oidc = OIDCClient(
         config.oidc,
@@ -129,11 +113,19 @@ def build_apps(
     main[FORWARDED] = policy
     main[OIDC] = oidc
     sessions = SessionManager(
-        store, keyring, config.session, on_caching=metrics.session_cache_live.set
+        backend.store, keyring, config.session, on_caching=metrics.session_cache_live.set
     )
     main[SESSIONS] = sessions
-    main[EVENTS] = events
-    main[REFRESHER] = Refresher(sessions, oidc, locks, events, config.refresh, metrics)
+    main[_BACKEND] = backend
+    main[REFRESHER] = Refresher(
+        sessions,
+        oidc,
+        backend.locks,
+        backend.events,
+        config.refresh,
+        metrics,
+        timing=refresh_timing or RefreshTiming(),
+    )
     main[COOKIES] = cookies
     main[LOGIN_LIMITER] = ClientRateLimiter.for_logins(config.login, policy)
     main[ADMISSION] = Admission(config.access, config.inject)
@@ -167,19 +159,20 @@ async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:
 
 async def _session_store(app: web.Application) -> AsyncIterator[None]:
     """Probe the store for /readyz in the background; close it last."""
-    store = app[SESSIONS].store
+    backend = app[_BACKEND]
+    store = backend.store
     readiness = app[READINESS]
     stop = asyncio.Event()
     probe = None
-    if isinstance(store, RedisSessionStore):
-        readiness.register("redis")
-        probe = asyncio.create_task(_probe_store(store, readiness, stop))
-    await app[EVENTS].start()
+    if backend.readiness is not None:
+        readiness.register(backend.readiness)
+        probe = asyncio.create_task(_probe_store(store, backend.readiness, readiness, stop))
+    await backend.events.start()
     changes = asyncio.create_task(app[SESSIONS].follow_changes(), name="session-changes")
     yield
     changes.cancel()
     await asyncio.wait({changes}, timeout=_CLOSE_TIMEOUT)
-    await app[EVENTS].close()
+    await backend.events.close()
     stop.set()
     if probe is not None:
         # redis-py may turn a cancellation inside a command into a connection error, so
@@ -189,13 +182,15 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-async def _probe_store(store: SessionStore, readiness: Readiness, stop: asyncio.Event) -> None:
+async def _probe_store(
+    store: SessionStore, name: str, readiness: Readiness, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         try:
             await store.ping()
-            readiness.report("redis", True)
+            readiness.report(name, True)
         except StoreUnavailable as exc:
-            readiness.report("redis", False, str(exc))
+            readiness.report(name, False, str(exc))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), _STORE_PROBE_INTERVAL)
 

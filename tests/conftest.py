@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.config import Config
 from sidecar.redis.store import RedisSessionStore
+from sidecar.refresh import RefreshTiming
 from sidecar.session import MemorySessionStore
 from sidecar.session.store import SessionStore
 from tests.support.environment import CALLER_ENVIRONMENT
@@ -41,11 +42,12 @@ def hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def start_sidecar() -> AsyncIterator[StartSidecar]:
-    """`await start_sidecar(config)` runs the sidecar in-process; closed after the test."""
+    """`await start_sidecar(config[, refresh_timing])` runs the sidecar in-process; closed after
+    the test."""
     started: list[Sidecar] = []
 
-    async def start(config: Config) -> Sidecar:
-        sidecar = Sidecar(config)
+    async def start(config: Config, refresh_timing: RefreshTiming | None = None) -> Sidecar:
+        sidecar = Sidecar(config, refresh_timing)
         await sidecar.start()
         started.append(sidecar)
         return sidecar

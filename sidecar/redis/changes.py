@@ -1,11 +1,12 @@
 """The Redis change feed: which session records other replicas replaced or deleted.
 
-The store's Lua scripts PUBLISH the record's hash on `p:changed` in the same step as the
-write (classic pub/sub, which reaches every node of a Cluster). A subscription can go quiet
-without an error: the connection to a demoted master may stay open, or redis-py may reconnect
-and resubscribe by itself after news went by. So the follower publishes its own heartbeat
-every `_HEARTBEAT` seconds through the normal client (the current master) and trusts the feed
-only while it hears it back; anything else ends `follow` with `StoreUnavailable`.
+The store's Lua scripts PUBLISH the record's hash on the feed's channel (`Keys.changes`) in
+the same step as the write (classic pub/sub, which reaches every node of a Cluster). A
+subscription can go quiet without an error: the connection to a demoted master may stay open,
+or redis-py may reconnect and resubscribe by itself after news went by. So the follower
+publishes its own heartbeat every `_HEARTBEAT` seconds through the normal client (the current
+master) and trusts the feed only while it hears it back; anything else ends `follow` with
+`StoreUnavailable`.
 """
 
 from __future__ import annotations

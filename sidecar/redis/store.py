@@ -1,25 +1,31 @@
-"""The Redis session store (DESIGN §4 key layout). Redis errors never leave this module."""
+"""The Redis session store; its keys are those of sidecar/redis/keys.py (docs/sessions.md,
+"What Redis holds"). Redis errors never leave this module."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Final
 
 from redis.exceptions import RedisError, ResponseError
 
+from sidecar.backend import Backend
 from sidecar.config import RedisConfig
 from sidecar.errors import StoreUnavailable
 from sidecar.redis import connect as redis_connect
+from sidecar.redis.boundary import as_bytes, milliseconds, translated_errors
 from sidecar.redis.changes import follow_changes
 from sidecar.redis.connect import RedisClient
+from sidecar.redis.events import RedisEvents
+from sidecar.redis.keys import Keys
+from sidecar.redis.locks import RedisLocks
 
-__all__ = ["RedisSessionStore", "milliseconds", "translated_errors"]
+__all__ = ["RedisSessionStore"]
 
 # Records are plain strings `<version>:<sealed bytes>`: a hash would cost a few hundred bytes
 # more per session (its own table), which matters at 100k sessions (issue 7). The attempt
-# mark lives in its own key `p:a:{h}` (same slot), which exists only around a refresh.
+# mark lives in its own key (`Keys.attempt`, same slot), which exists only around a refresh.
 # A new record replaces whatever was under its key, atomically (one slot: any topology).
 _CREATE: Final = """
 redis.call('DEL', KEYS[2])
@@ -75,22 +81,22 @@ return 1
 
 
 class RedisSessionStore:
-    """Sealed records as strings `<version>:<sealed>` under `p:s:{h}`; indexes as sorted sets.
+    """Sealed records as strings `<version>:<sealed>` (`Keys.record`); indexes as sorted sets.
 
-    Works on every topology `redis_connect` builds: each script touches one key, and the
-    record, lock and event channel of a session share the hash tag `{h}` (one Cluster slot).
+    Works on every topology `redis_connect` builds: a script touches the keys of one session
+    only, which share one Cluster slot (the one-slot rule of sidecar/redis/keys.py).
     """
 
     def __init__(self, client: RedisClient, prefix: str, *, owned: bool = True) -> None:
         self._redis = client
-        self._p = prefix
+        self._k = Keys(prefix)
         self._owned = owned
         self._create = client.register_script(_CREATE)
         self._replace = client.register_script(_REPLACE)
         self._mark_attempt = client.register_script(_MARK_ATTEMPT)
         self._delete = client.register_script(_DELETE)
         # Change feed: classic pub/sub, which reaches every node of a Cluster too.
-        self._changes = f"{prefix}:changed"
+        self._changes = self._k.changes
         self._index = client.register_script(_INDEX)
         self._list_login = client.register_script(_LIST_LOGIN)
         self._closed = False
@@ -105,24 +111,31 @@ class RedisSessionStore:
         """A store on one standalone server (tests and tools)."""
         return cls.from_config(RedisConfig(url=url, key_prefix=prefix))
 
-    def _key(self, h: str) -> str:
-        return f"{self._p}:s:{{{h}}}"
+    def backend(self) -> Backend:
+        """This store with the Redis locks and events on its client and prefix; /readyz
+        follows it as "redis"."""
+        return Backend(
+            self,
+            RedisLocks(self._redis, self._k.prefix),
+            RedisEvents(self._redis, self._k.prefix),
+            readiness="redis",
+        )
 
     def _keys(self, h: str) -> list[str]:
         """The record and its attempt mark: one slot."""
-        return [f"{self._p}:s:{{{h}}}", f"{self._p}:a:{{{h}}}"]
+        return [self._k.record(h), self._k.attempt(h)]
 
     async def get(self, h: str) -> tuple[int, bytes] | None:
         async with translated_errors():
             try:
-                value = await self._redis.get(self._key(h))
+                value = await self._redis.get(self._k.record(h))
             except ResponseError as exc:
                 if not str(exc).startswith("WRONGTYPE"):
                     raise
                 return None  # a record in an earlier development layout: log in again
         if value is None:
             return None
-        version, _, sealed = _as_bytes(value).partition(b":")
+        version, _, sealed = as_bytes(value).partition(b":")
         if not version.isdigit():
             raise StoreUnavailable("redis: a session record that is not <version>:<sealed>")
         return int(version), sealed
@@ -143,7 +156,7 @@ class RedisSessionStore:
 
     async def touch(self, h: str, ttl: float) -> None:
         async with translated_errors():
-            await self._redis.pexpire(self._key(h), milliseconds(ttl))
+            await self._redis.pexpire(self._k.record(h), milliseconds(ttl))
 
     async def mark_attempt(self, h: str, at: float) -> None:
         async with translated_errors():
@@ -151,7 +164,7 @@ class RedisSessionStore:
 
     async def attempt_mark(self, h: str) -> float | None:
         async with translated_errors():
-            value = await self._redis.get(self._keys(h)[1])
+            value = await self._redis.get(self._k.attempt(h))
         return float(value) if value is not None else None
 
     @property
@@ -161,7 +174,7 @@ class RedisSessionStore:
 
     @property
     def prefix(self) -> str:
-        return self._p
+        return self._k.prefix
 
     async def delete(self, h: str) -> bool:
         async with translated_errors():
@@ -171,7 +184,7 @@ class RedisSessionStore:
         await follow_changes(self._redis, self._changes, changed)
 
     async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
-        # Index keys live in other Cluster slots than the record: one call each (DESIGN §4).
+        # Index keys live in other Cluster slots than the record: one call each (keys.py).
         async with translated_errors():
             for key in self._index_keys(user_key, sid_key):
                 await self._index(keys=[key], args=[h, repr(expires_at), repr(time.time())])
@@ -185,38 +198,35 @@ class RedisSessionStore:
     async def sessions_of_sid(self, sid_key: str) -> list[str]:
         async with translated_errors():
             members = await self._redis.zrangebyscore(
-                f"{self._p}:sid:{sid_key}", time.time(), "+inf"
+                self._k.idp_session(sid_key), time.time(), "+inf"
             )
-        return [_as_bytes(m).decode() for m in members]
+        return [as_bytes(m).decode() for m in members]
 
     def _index_keys(self, user_key: str, sid_key: str | None) -> list[str]:
-        keys = [f"{self._p}:sub:{user_key}"]
+        keys = [self._k.user(user_key)]
         if sid_key:
-            keys.append(f"{self._p}:sid:{sid_key}")
+            keys.append(self._k.idp_session(sid_key))
         return keys
 
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         ttl_ms = milliseconds(ttl)
         now_us = int(time.time() * 1_000_000)
         async with translated_errors():
-            await self._redis.set(self._login_key(key), sealed, px=ttl_ms)
+            await self._redis.set(self._k.login(key), sealed, px=ttl_ms)
             dropped = await self._list_login(
-                keys=[f"{self._p}:logins:{{{browser}}}"],
+                keys=[self._k.logins(browser)],
                 args=[key, now_us, now_us - ttl_ms * 1000, keep, ttl_ms],
             )
             if dropped:
                 # Other Cluster slots than the list: deleted after the (atomic) trim. A
                 # process dying in between leaves them to their TTL (docs/sessions.md).
-                await self._redis.delete(*(self._login_key(_as_bytes(m).decode()) for m in dropped))
+                await self._redis.delete(*(self._k.login(as_bytes(m).decode()) for m in dropped))
         return len(dropped)
-
-    def _login_key(self, key: str) -> str:
-        return f"{self._p}:login:{key}"
 
     async def take_login(self, key: str) -> bytes | None:
         async with translated_errors():
-            value = await self._redis.getdel(self._login_key(key))
-        return _as_bytes(value) if value is not None else None
+            value = await self._redis.getdel(self._k.login(key))
+        return as_bytes(value) if value is not None else None
 
     async def ping(self) -> None:
         async with translated_errors():
@@ -229,23 +239,3 @@ class RedisSessionStore:
         if self._owned:
             with suppress(RedisError, OSError):
                 await redis_connect.close(self._redis)
-
-
-def _as_bytes(value: object) -> bytes:
-    # The client is built with decode_responses=False, so replies are bytes.
-    if not isinstance(value, bytes):
-        raise StoreUnavailable(f"redis: unexpected reply type {type(value).__name__}")
-    return value
-
-
-def milliseconds(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
-
-
-@asynccontextmanager
-async def translated_errors() -> AsyncIterator[None]:
-    """Redis failures become `StoreUnavailable` at this boundary (STYLE practice 5)."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc

@@ -1,6 +1,8 @@
-"""Per-session refresh locks (DESIGN §5 step 3): one owner token, compare-and-delete/extend.
+"""Per-session refresh locks (docs/refresh.md, "How", step 2): one owner token,
+compare-and-delete and compare-and-extend.
 
-Never one global lock: each key names one session, so different users refresh in parallel.
+The protocol and the in-process twin of the memory store; the Redis one, shared by every
+replica, is `sidecar.redis.locks.RedisLocks`.
 """
 
 from __future__ import annotations
@@ -9,21 +11,9 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Protocol
 
-from sidecar.redis.connect import RedisClient
-from sidecar.redis.store import milliseconds, translated_errors
-
-__all__ = ["Locks", "MemoryLocks", "RedisLocks"]
-
-_RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_EXTEND: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+__all__ = ["Locks", "MemoryLocks"]
 
 
 class Locks(Protocol):
@@ -38,41 +28,6 @@ class Locks(Protocol):
 
     async def held(self, h: str) -> bool:
         """Whether anyone holds the lock of `h` now."""
-
-
-class RedisLocks:
-    """`SET p:lock:{h} <owner> NX PX ttl`, shared by every replica.
-
-    Each script touches the lock key only, so it runs on a Cluster too, on the node that
-    holds the session's slot.
-    """
-
-    def __init__(self, client: RedisClient, prefix: str) -> None:
-        self._redis = client
-        self._p = prefix
-        self._release = client.register_script(_RELEASE)
-        self._extend = client.register_script(_EXTEND)
-
-    def _key(self, h: str) -> str:
-        return f"{self._p}:lock:{{{h}}}"  # same hash tag as the record: one Cluster slot
-
-    async def acquire(self, h: str, ttl: float) -> str | None:
-        owner = secrets.token_urlsafe(16)
-        async with translated_errors():
-            taken = await self._redis.set(self._key(h), owner, nx=True, px=milliseconds(ttl))
-        return owner if taken else None
-
-    async def release(self, h: str, owner: str) -> None:
-        async with translated_errors():
-            await self._release(keys=[self._key(h)], args=[owner])
-
-    async def extend(self, h: str, owner: str, ttl: float) -> bool:
-        async with translated_errors():
-            return bool(await self._extend(keys=[self._key(h)], args=[owner, milliseconds(ttl)]))
-
-    async def held(self, h: str) -> bool:
-        async with translated_errors():
-            return bool(await self._redis.exists(self._key(h)))
 
 
 class MemoryLocks:

@@ -38,20 +38,28 @@ from sidecar.refresh.locks import Locks
 from sidecar.refresh.outcomes import Outcome
 from sidecar.session import Session, SessionManager, SessionRecord
 
-__all__ = ["Refresher", "refresh_window"]
+__all__ = ["RefreshTiming", "Refresher", "refresh_window"]
 
 log = logging.getLogger("sidecar.refresh")
 
 _MAX_ROUNDS: Final = 3  # lock attempts per refresh before giving up with 503
-_POLL_INTERVAL: Final = 0.25  # seconds between a waiter's record re-reads (its real guarantee)
-_WATCHDOG_MARGIN: Final = 5.0  # the lock may outlive the IdP timeout by this much, no more
-_BACKOFF_BASE, _BACKOFF_MAX = 1.0, 60.0  # seconds; after transient failures, with jitter
-_SAVE_RETRY: Final = 0.1  # seconds between writes of a new token set while Redis is away
-_LEASE_MARGIN: Final = 0.25  # seconds: stop writing this long before our lock may expire
 # A token this close to expiry is not forwarded: it would expire in transit or at the
 # upstream's own check (and our clock may be a little behind the IdP's). Seconds, at most a
 # tenth of the token's lifetime.
 _STILL_VALID: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTiming:
+    """The protocol's fixed intervals, in seconds. Not configuration: they follow from the
+    protocol; tests pass shorter ones to run the same logic faster."""
+
+    poll_interval: float = 0.25  # a waiter re-reads the record this often (its real guarantee)
+    watchdog_margin: float = 5.0  # the lock may outlive late_answer_timeout by this, no more
+    backoff_base: float = 1.0  # first wait after a transient failure, doubling, with jitter
+    backoff_max: float = 60.0
+    save_retry: float = 0.1  # between writes of a new token set while Redis is away
+    lease_margin: float = 0.25  # stop writing this long before our lock may expire
 
 
 @dataclass(eq=False)
@@ -101,6 +109,7 @@ class Refresher:
         config: RefreshConfig,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        timing: RefreshTiming = RefreshTiming(),
     ) -> None:
         self._sessions = sessions
         self._oidc = oidc
@@ -109,6 +118,7 @@ class Refresher:
         self._config = config
         self._metrics = metrics
         self._clock = clock
+        self._timing = timing
         self._inflight: dict[str, _Flight] = {}
 
     async def ensure_fresh(self, session: Session) -> Session:
@@ -268,7 +278,7 @@ class Refresher:
                 if not await self._locks.held(session.h):
                     return latest
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), _POLL_INTERVAL)
+                    await asyncio.wait_for(woken.wait(), self._timing.poll_interval)
         return session
 
     async def _refresh_holding(self, session: Session, lease: _Lease) -> tuple[Session, Outcome]:
@@ -376,14 +386,15 @@ class Refresher:
                 # A failed attempt may have landed without its reply reaching us.
                 return retried and await self._stored_is(session, updated)
             except StoreUnavailable:
-                if time.monotonic() + _SAVE_RETRY >= lease.valid_until - _LEASE_MARGIN:
+                timing = self._timing
+                if time.monotonic() + timing.save_retry >= lease.valid_until - timing.lease_margin:
                     log.error(
                         "rotated tokens not stored: Redis unavailable until the lock expired",
                         extra={"session": session.h[:12]},
                     )
                     raise
                 retried = True
-                await asyncio.sleep(_SAVE_RETRY)
+                await asyncio.sleep(self._timing.save_retry)
 
     async def _stored_is(self, session: Session, record: SessionRecord) -> bool:
         latest = await self._sessions.load(session.id)
@@ -399,7 +410,7 @@ class Refresher:
         No other replica may send a grant while ours may still be answered late.
         """
         ttl = self._config.lock_ttl
-        limit = time.monotonic() + self._config.late_answer_timeout + _WATCHDOG_MARGIN
+        limit = time.monotonic() + self._config.late_answer_timeout + self._timing.watchdog_margin
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), ttl / 3)
@@ -423,7 +434,8 @@ class Refresher:
         """Step 6, ambiguous failure: back off, tell waiters, keep the session."""
         record = session.record
         failures = record.failed_attempts + 1
-        delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (failures - 1))
+        timing = self._timing
+        delay = min(timing.backoff_max, timing.backoff_base * 2 ** (failures - 1))
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
         failed = record.evolve(
             version=record.version + 1,

@@ -6,7 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from sidecar.backend import Backend
 
 __all__ = ["MAX_PENDING_LOGINS", "MemorySessionStore"]
 
@@ -168,6 +171,15 @@ class MemorySessionStore:
 
     async def close(self) -> None:
         return None
+
+    def backend(self) -> Backend:
+        """This store with in-process locks and events: one process holds all of them."""
+        # Imported here: sidecar.refresh and sidecar.backend import this package.
+        from sidecar.backend import Backend
+        from sidecar.refresh.events import MemoryEvents
+        from sidecar.refresh.locks import MemoryLocks
+
+        return Backend(self, MemoryLocks(), MemoryEvents())
 
 
 def _index_keys(user_key: str, sid_key: str | None) -> list[str]:

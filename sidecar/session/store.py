@@ -6,13 +6,17 @@ Stores see only `h` (the hash of the session id) and sealed bytes, never a token
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sidecar.backend import Backend
 
 __all__ = ["SessionStore"]
 
 
 class SessionStore(Protocol):
-    """Storage of sealed session records, pending logins and the logout indexes (DESIGN §4)."""
+    """Storage of sealed session records, pending logins and the logout indexes
+    (docs/sessions.md, "What Redis holds")."""
 
     async def get(self, h: str) -> tuple[int, bytes] | None:
         """The record's version and sealed bytes, or None when absent or expired."""
@@ -23,7 +27,8 @@ class SessionStore(Protocol):
     async def replace(
         self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
     ) -> bool:
-        """Fenced write: only if the record still exists at `expected_version` (DESIGN §5.6)."""
+        """Fenced write: only if the record still exists at `expected_version`
+        (docs/refresh.md, "How", step 6)."""
 
     async def mark_attempt(self, h: str, at: float) -> None:
         """Note that a refresh grant for `h` is about to be sent; a fenced write clears it."""
@@ -68,3 +73,7 @@ class SessionStore(Protocol):
 
     async def close(self) -> None:
         """Release connections; idempotent."""
+
+    def backend(self) -> Backend:
+        """This store with the refresh locks and events that share its state (one process
+        for the memory store, every replica for Redis): what sidecar/backend.py hands out."""

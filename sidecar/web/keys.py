@@ -13,7 +13,7 @@ from sidecar.forwarding.upstream import PathPrefixes, Router
 from sidecar.health import READINESS
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
-from sidecar.refresh import Events, Refresher
+from sidecar.refresh import Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
 from sidecar.web.ratelimit import ClientRateLimiter
@@ -22,7 +22,6 @@ __all__ = [
     "ADMISSION",
     "CONFIG",
     "COOKIES",
-    "EVENTS",
     "FORWARDED",
     "LOGIN_LIMITER",
     "METRICS",
@@ -43,7 +42,6 @@ OIDC: Final = web.AppKey("oidc", OIDCClient)
 SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
-EVENTS: Final = web.AppKey("events", Events)
 # Per client address, on `/oauth2/start` (sidecar/web/ratelimit.py).
 LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)

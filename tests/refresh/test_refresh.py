@@ -18,8 +18,8 @@ import redis.asyncio as redis
 
 from sidecar.dev.idp.models import DevIdPStats
 from sidecar.oidc import TokenResponse
-from sidecar.refresh import MemoryLocks, RedisLocks, refresh_window
-from sidecar.refresh import protocol as refresh_protocol
+from sidecar.redis.locks import RedisLocks
+from sidecar.refresh import MemoryLocks, RefreshTiming, refresh_window
 from sidecar.session import SessionManager, SessionRecord, session_hash
 from sidecar.web.keys import METRICS, OIDC, SESSIONS
 from tests.support.configs import make_config
@@ -83,7 +83,9 @@ class Rig:
         self.http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         self._upstream: str | None = None
 
-    async def sidecar(self, kind: str = "memory", **refresh: str) -> Any:
+    async def sidecar(
+        self, kind: str = "memory", timing: RefreshTiming | None = None, **refresh: str
+    ) -> Any:
         if self._upstream is None:
             self._upstream = await self._serve(echo_app())
         config = make_config(
@@ -93,7 +95,7 @@ class Rig:
             public_paths=[],
             **store_sections(kind, self.prefix),
         )
-        sc = await self._start(config)
+        sc = await self._start(config, timing)
         await ready(sc)
         return sc
 
@@ -372,12 +374,9 @@ async def test_lost_rotation_told_apart_from_revocation(rig: Rig) -> None:
 # --- 8: transient failures ------------------------------------------------------------------
 
 
-async def test_transient_failure_backoff_then_recovery(
-    rig: Rig, store_kind: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_transient_failure_backoff_then_recovery(rig: Rig, store_kind: str) -> None:
     """IdP down: old valid token forwarded, backoff respected, 503 once expired, then recovery."""
-    monkeypatch.setattr(refresh_protocol, "_BACKOFF_BASE", 0.4)  # shorter waits, same logic
-    sc = await rig.sidecar(store_kind)
+    sc = await rig.sidecar(store_kind, RefreshTiming(backoff_base=0.4))  # shorter, same logic
     cookie = await rig.login(sc)
     rec = await record(sc, cookie)
     await until_due(sc, cookie)
@@ -636,14 +635,18 @@ async def test_refresh_with_other_subject_id_token_ends_session(
 
 
 async def test_timed_out_grant_then_invalid_grant_is_lost_rotation(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig,
 ) -> None:
     """A timed-out grant (maybe rotated) keeps its mark: a later refusal is a lost rotation."""
-    monkeypatch.setattr(refresh_protocol, "_BACKOFF_BASE", 0.2)
     # lock_ttl 4 s: the watchdog's first extension (at 1.33 s) misses the 1 s IdP timeout.
     # late_answer_timeout = idp_timeout: the grant itself is abandoned at 1 s.
     sc = await rig.sidecar(
-        "redis", idp_timeout="1s", lock_ttl="4s", wait_timeout="1s", late_answer_timeout="1s"
+        "redis",
+        RefreshTiming(backoff_base=0.2),
+        idp_timeout="1s",
+        lock_ttl="4s",
+        wait_timeout="1s",
+        late_answer_timeout="1s",
     )
     cookie = await rig.login(sc)
     rec = await record(sc, cookie)
@@ -671,12 +674,16 @@ async def test_timed_out_grant_then_invalid_grant_is_lost_rotation(
 # --- the lock watchdog ----------------------------------------------------------------------
 
 
-async def test_watchdog_stops_when_grant_ends(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_watchdog_stops_when_grant_ends(rig: Rig) -> None:
     """When the grant times out just as the watchdog extends the lock, the answer is not delayed."""
-    monkeypatch.setattr(refresh_protocol, "_WATCHDOG_MARGIN", 1.0)  # bounds the bug's cost
     # lock_ttl 3 s: the watchdog extends at 1 s, the instant the 1 s IdP timeout fires.
     sc = await rig.sidecar(
-        "redis", idp_timeout="1s", lock_ttl="3s", wait_timeout="1s", late_answer_timeout="1s"
+        "redis",
+        RefreshTiming(watchdog_margin=1.0),  # bounds the bug's cost
+        idp_timeout="1s",
+        lock_ttl="3s",
+        wait_timeout="1s",
+        late_answer_timeout="1s",
     )
     cookie = await rig.login(sc)
     await until_due(sc, cookie)

@@ -28,10 +28,11 @@ from sidecar.config import RefreshConfig, SessionConfig
 from sidecar.errors import IdPUnavailable, RefreshUnavailable, TokenRequestError
 from sidecar.metrics import Metrics
 from sidecar.oidc import TokenResponse
+from sidecar.redis.events import RedisEvents
+from sidecar.redis.locks import RedisLocks
 from sidecar.redis.store import RedisSessionStore
-from sidecar.refresh import RedisLocks, Refresher
-from sidecar.refresh import protocol as refresh_protocol
-from sidecar.refresh.events import RedisEvents
+from sidecar.refresh import Refresher
+from sidecar.refresh.protocol import RefreshTiming
 from sidecar.session import Keyring, Session, SessionManager, SessionRecord
 from tests.support.keys import TEST_KEY
 from tests.support.stores import REDIS_URL
@@ -108,7 +109,7 @@ async def store(redis_prefix: str) -> AsyncIterator[RedisSessionStore]:
 
 
 async def start_processes(
-    k: int, store: RedisSessionStore, prefix: str, idp: FakeIdP
+    k: int, store: RedisSessionStore, prefix: str, idp: FakeIdP, timing: RefreshTiming
 ) -> list[Process]:
     config = SessionConfig(
         store="redis", cookie_name="sidecar", cookie_secure=False, encryption_keys=[TEST_KEY]
@@ -126,6 +127,7 @@ async def start_processes(
             events,
             CONFIG,
             Metrics(),
+            timing=timing,
         )
         procs.append(Process(refresher, sessions, events, client))
     return procs
@@ -168,12 +170,16 @@ class Outcome:
 
 
 async def storm(
-    seed: int, store: RedisSessionStore, prefix: str, failure_rate: float
+    seed: int,
+    store: RedisSessionStore,
+    prefix: str,
+    failure_rate: float,
+    timing: RefreshTiming | None = None,
 ) -> tuple[FakeIdP, list[Process], Session, list[Outcome]]:
     """Run one seeded interleaving; returns the IdP, processes, session and outcomes."""
     rng = random.Random(seed)
     idp = FakeIdP(random.Random(seed + 10_000), failure_rate=failure_rate)
-    procs = await start_processes(rng.randint(1, 4), store, prefix, idp)
+    procs = await start_processes(rng.randint(1, 4), store, prefix, idp, timing or RefreshTiming())
     session = await new_session(procs[0].sessions, idp)
     outcomes: list[Outcome] = []
 
@@ -258,12 +264,12 @@ async def test_storm_one_grant_per_rotation(
 
 @pytest.mark.parametrize("seed", SEEDS[:10])
 async def test_storm_with_idp_failures(
-    seed: int, store: RedisSessionStore, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+    seed: int, store: RedisSessionStore, redis_prefix: str
 ) -> None:
     """IdP 503s at random: still no reuse; failures end in 503 or a still-valid token."""
-    monkeypatch.setattr(refresh_protocol, "_BACKOFF_BASE", 0.1)  # several attempts per run
     p = random.Random(seed).choice([0.2, 0.4, 0.6])
-    idp, procs, session, outcomes = await storm(seed, store, redis_prefix, p)
+    fast_backoff = RefreshTiming(backoff_base=0.1)  # several attempts per run
+    idp, procs, session, outcomes = await storm(seed, store, redis_prefix, p, fast_backoff)
     try:
         check_idp(idp)
         for outcome in outcomes:

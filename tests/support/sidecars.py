@@ -22,6 +22,7 @@ from aiohttp import web
 
 from sidecar.app import build_apps
 from sidecar.config import Config
+from sidecar.refresh import RefreshTiming
 from sidecar.server import main_runner_options, main_site
 from tests.support.processes import stop_process
 
@@ -45,9 +46,9 @@ class Sidecar:
 
     __test__ = False
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, refresh_timing: RefreshTiming | None = None) -> None:
         self.config = config
-        self.app, management = build_apps(config)
+        self.app, management = build_apps(config, refresh_timing=refresh_timing)
         self._main = web.AppRunner(self.app, handle_signals=False, **main_runner_options(config))
         self._management = web.AppRunner(management, handle_signals=False, access_log=None)
         self._base = self._management_base = ""
