@@ -82,12 +82,7 @@ def main() -> int:
     try:
         ports = {k: bench.free_port() for k in ("up", "new", "old", "idp")}
         upstream = f"{bench.HOST}:{ports['up']}"
-        if shutil.which("nginx"):
-            bench.start_nginx(procs, "upstream", ports["up"], None)
-        else:
-            me = str(Path(bench.__file__).resolve())
-            p = procs.start("upstream", [sys.executable, me, "--python-upstream", str(ports["up"])])
-            bench.wait_http(f"http://{upstream}{bench.PATH}", proc=p)
+        bench.start_upstream(procs, ports["up"])
         bases = [f"http://{bench.HOST}:{ports[k]}" for k in ("new", "old")]
         idp = bench.ThreadedIdP(ports["idp"], bases)
         source = bench.export_commit(args.baseline, tmp / "baseline")

@@ -261,6 +261,16 @@ def start_nginx(procs: Procs, name: str, port: int, proxy_to: str | None) -> int
     return proc.pid
 
 
+def start_upstream(procs: Procs, port: int) -> None:
+    """The small static upstream on `port`: nginx, or the Python one without nginx."""
+    if shutil.which("nginx"):
+        start_nginx(procs, "upstream", port, None)
+        return
+    me = str(Path(__file__).resolve())
+    p = procs.start("upstream", [sys.executable, me, "--python-upstream", str(port)])
+    wait_http(f"http://{HOST}:{port}{PATH}", proc=p)
+
+
 # --- the dev IdP, in a thread of this process ------------------------------------------
 
 

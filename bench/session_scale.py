@@ -118,12 +118,7 @@ def main() -> int:
     try:
         ports = {k: bench.free_port() for k in ("up", "cold", "warm", "idp")}
         upstream = f"{bench.HOST}:{ports['up']}"
-        if shutil.which("nginx"):
-            bench.start_nginx(procs, "upstream", ports["up"], None)
-        else:
-            me = str(Path(bench.__file__).resolve())
-            p = procs.start("upstream", [sys.executable, me, "--python-upstream", str(ports["up"])])
-            bench.wait_http(f"http://{upstream}{bench.PATH}", proc=p)
+        bench.start_upstream(procs, ports["up"])
         bases = [f"http://{bench.HOST}:{ports['cold']}", f"http://{bench.HOST}:{ports['warm']}"]
         idp = bench.ThreadedIdP(ports["idp"], bases)
         cold = bench.start_sidecar(
