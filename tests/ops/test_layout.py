@@ -3,6 +3,7 @@ production process (docs/architecture.md, "Layout")."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -42,3 +43,24 @@ def test_the_production_app_does_not_import_the_dev_package() -> None:
 def test_the_demo_does_import_it() -> None:
     """The other side of the check above: `sidecar.dev` is what the probe would see."""
     assert "sidecar.dev.idp" in _modules_after(("sidecar.dev.demo",))
+
+
+def test_tests_share_helpers_only_through_tests_support() -> None:
+    """No test module imports another test module or a conftest: what tests share lives in
+    tests/support, so moving or deleting one test never breaks another."""
+    offenders = []
+    for path in sorted((REPO_ROOT / "tests").rglob("*.py")):
+        if "node_modules" in path.parts:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                last = name.rsplit(".", 1)[-1]
+                if name.startswith("tests") and (last.startswith("test_") or last == "conftest"):
+                    offenders.append(f"{path.relative_to(REPO_ROOT)}: {name}")
+    assert offenders == []
