@@ -8,26 +8,11 @@ module outside sidecar/redis/ that names a Redis class, and only when Redis is c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sidecar.config import Config
-from sidecar.refresh.events import Events
-from sidecar.refresh.locks import Locks
 from sidecar.session.memory import MemorySessionStore
-from sidecar.session.store import SessionStore
+from sidecar.session.store import Backend, SessionStore
 
 __all__ = ["Backend", "open_backend"]
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    """A session store with the refresh locks and events that go with it."""
-
-    store: SessionStore
-    locks: Locks
-    events: Events
-    # The /readyz dependency that `store.ping()` answers for ("redis"); None: nothing to probe.
-    readiness: str | None = None
 
 
 def open_backend(config: Config, store: SessionStore | None = None) -> Backend:

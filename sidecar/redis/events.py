@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from sidecar.redis.connect import RedisClient, is_cluster
 from sidecar.redis.keys import Keys
-from sidecar.refresh.events import Waiters
+from sidecar.session.store import Waiters
 
 __all__ = ["RedisEvents"]
 
@@ -31,7 +31,7 @@ log = logging.getLogger("sidecar.refresh")
 
 class RedisEvents:
     """Redis pub/sub (sharded on a Cluster) on one connection per node; the `Events` protocol
-    of sidecar/refresh/events.py."""
+    of sidecar/session/store.py."""
 
     def __init__(self, client: RedisClient, prefix: str) -> None:
         self._redis = client

@@ -27,7 +27,7 @@ return 0
 
 class RedisLocks:
     """`SET <Keys.lock(h)> <owner> NX PX ttl`, shared by every replica; the `Locks` protocol
-    of sidecar/refresh/locks.py.
+    of sidecar/session/store.py.
 
     Each script touches the lock key only, so it runs on a Cluster too, on the node that
     holds the session's slot.

@@ -10,7 +10,6 @@ from typing import Final
 
 from redis.exceptions import RedisError, ResponseError
 
-from sidecar.backend import Backend
 from sidecar.config import RedisConfig
 from sidecar.errors import StoreUnavailable
 from sidecar.redis import connect as redis_connect
@@ -20,6 +19,7 @@ from sidecar.redis.connect import RedisClient
 from sidecar.redis.events import RedisEvents
 from sidecar.redis.keys import Keys
 from sidecar.redis.locks import RedisLocks
+from sidecar.session.store import Backend
 
 __all__ = ["RedisSessionStore"]
 

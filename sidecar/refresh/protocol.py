@@ -33,10 +33,9 @@ from sidecar.errors import (
 )
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
-from sidecar.refresh.events import ENDED, FAILED, REFRESHED, Events
-from sidecar.refresh.locks import Locks
 from sidecar.refresh.outcomes import Outcome
 from sidecar.session import Session, SessionManager, SessionRecord
+from sidecar.session.store import ENDED, FAILED, REFRESHED, Events, Locks
 
 __all__ = ["RefreshTiming", "Refresher", "refresh_window"]
 

@@ -1,17 +1,19 @@
-"""The in-memory session store: one process only (the demo, single-replica setups)."""
+"""The memory backend: session store, refresh locks and session events inside one process
+(the demo, single-replica setups), with the Redis backend's semantics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Final
 
-if TYPE_CHECKING:
-    from sidecar.backend import Backend
+from sidecar.session.store import Backend, Waiters
 
-__all__ = ["MAX_PENDING_LOGINS", "MemorySessionStore"]
+__all__ = ["MAX_PENDING_LOGINS", "MemoryEvents", "MemoryLocks", "MemorySessionStore"]
 
 log = logging.getLogger("sidecar.session")
 
@@ -174,12 +176,72 @@ class MemorySessionStore:
 
     def backend(self) -> Backend:
         """This store with in-process locks and events: one process holds all of them."""
-        # Imported here: sidecar.refresh and sidecar.backend import this package.
-        from sidecar.backend import Backend
-        from sidecar.refresh.events import MemoryEvents
-        from sidecar.refresh.locks import MemoryLocks
-
         return Backend(self, MemoryLocks(), MemoryEvents())
+
+
+class MemoryLocks:
+    """The same semantics inside one process, for the memory store."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._owners: dict[str, tuple[str, float]] = {}
+
+    def _current(self, h: str) -> str | None:
+        entry = self._owners.get(h)
+        if entry is None or entry[1] <= self._clock():
+            self._owners.pop(h, None)
+            return None
+        return entry[0]
+
+    async def acquire(self, h: str, ttl: float) -> str | None:
+        if self._current(h) is not None:
+            return None
+        owner = secrets.token_urlsafe(16)
+        self._owners[h] = (owner, self._clock() + ttl)
+        return owner
+
+    async def release(self, h: str, owner: str) -> None:
+        if self._current(h) == owner:
+            del self._owners[h]
+
+    async def extend(self, h: str, owner: str, ttl: float) -> bool:
+        if self._current(h) != owner:
+            return False
+        self._owners[h] = (owner, self._clock() + ttl)
+        return True
+
+    async def held(self, h: str) -> bool:
+        await asyncio.sleep(0)
+        return self._current(h) is not None
+
+
+class MemoryEvents:
+    """In-process delivery for the memory store."""
+
+    def __init__(self) -> None:
+        self._waiters = Waiters()
+
+    async def publish(self, h: str, kind: bytes) -> None:
+        self._waiters.wake(h)
+
+    @asynccontextmanager
+    async def waiting(self, h: str) -> AsyncIterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.by_hash.setdefault(h, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.by_hash.get(h)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters.by_hash[h]
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 def _index_keys(user_key: str, sid_key: str | None) -> list[str]:

@@ -1,17 +1,33 @@
-"""Where sealed session records live: the interface shared by the Redis and memory stores.
+"""What the sidecar needs from storage, shared by the Redis and the memory backends: the
+session store, the per-session refresh locks and the session event channel, and `Backend`,
+which holds the three that go together (docs/architecture.md, "Sessions and Redis").
 
 Stores see only `h` (the hash of the session id) and sealed bytes, never a token or an id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import Final, Protocol
 
-if TYPE_CHECKING:
-    from sidecar.backend import Backend
+__all__ = [
+    "ENDED",
+    "FAILED",
+    "REFRESHED",
+    "Backend",
+    "Events",
+    "Locks",
+    "SessionStore",
+    "Waiters",
+]
 
-__all__ = ["SessionStore"]
+# The kinds of session events (docs/refresh.md, "How", step 3).
+REFRESHED: Final = b"refreshed"
+FAILED: Final = b"failed"
+ENDED: Final = b"ended"
 
 
 class SessionStore(Protocol):
@@ -77,3 +93,51 @@ class SessionStore(Protocol):
     def backend(self) -> Backend:
         """This store with the refresh locks and events that share its state (one process
         for the memory store, every replica for Redis): what sidecar/backend.py hands out."""
+
+
+class Locks(Protocol):
+    async def acquire(self, h: str, ttl: float) -> str | None:
+        """Take the lock of session `h` for `ttl` seconds; the owner token, or None if held."""
+
+    async def release(self, h: str, owner: str) -> None:
+        """Give the lock back, only if `owner` still holds it."""
+
+    async def extend(self, h: str, owner: str, ttl: float) -> bool:
+        """Push the expiry to `ttl` from now, only if `owner` still holds it."""
+
+    async def held(self, h: str) -> bool:
+        """Whether anyone holds the lock of `h` now."""
+
+
+# A session's event channel wakes waiters early, nothing more: correctness rests on the
+# waiter's slow poll of the record; a lost message only costs a poll interval.
+class Events(Protocol):
+    async def publish(self, h: str, kind: bytes) -> None: ...
+
+    def waiting(self, h: str) -> contextlib.AbstractAsyncContextManager[asyncio.Event]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Waiters:
+    """asyncio Events per session hash, set when a message for it arrives."""
+
+    def __init__(self) -> None:
+        self.by_hash: dict[str, set[asyncio.Event]] = {}
+
+    def wake(self, h: str) -> None:
+        for event in self.by_hash.get(h, ()):
+            event.set()
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A session store with the refresh locks and events that go with it."""
+
+    store: SessionStore
+    locks: Locks
+    events: Events
+    # The /readyz dependency that `store.ping()` answers for ("redis"); None: nothing to probe.
+    readiness: str | None = None

@@ -19,8 +19,9 @@ import redis.asyncio as redis
 from sidecar.dev.idp.models import DevIdPStats
 from sidecar.oidc import TokenResponse
 from sidecar.redis.locks import RedisLocks
-from sidecar.refresh import MemoryLocks, RefreshTiming, refresh_window
+from sidecar.refresh import RefreshTiming, refresh_window
 from sidecar.session import SessionManager, SessionRecord, session_hash
+from sidecar.session.memory import MemoryLocks
 from sidecar.web.keys import METRICS, OIDC, SESSIONS
 from tests.support.configs import make_config
 from tests.support.idp import ThreadedIdP

@@ -16,9 +16,9 @@ from sidecar.redis.events import RedisEvents
 from sidecar.redis.keys import Keys
 from sidecar.redis.locks import RedisLocks
 from sidecar.redis.store import RedisSessionStore
-from sidecar.refresh import MemoryEvents, MemoryLocks
-from sidecar.refresh.events import REFRESHED
 from sidecar.session import MemorySessionStore
+from sidecar.session.memory import MemoryEvents, MemoryLocks
+from sidecar.session.store import REFRESHED
 from tests.support.configs import make_config
 from tests.support.repo import REPO_ROOT
 from tests.support.stores import REDIS_URL, store_sections
