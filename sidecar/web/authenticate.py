@@ -5,6 +5,7 @@ one (docs/architecture.md, "Failure policy"): a navigation goes to login, anythi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Final
 
 from aiohttp import web
@@ -28,10 +29,13 @@ START_PATH: Final = "/oauth2/start"
 _MAX_RETURN_PATH: Final = 2048
 
 
-async def authenticate(request: web.Request) -> Session | None:
+def authenticate(request: web.Request) -> Awaitable[Session | None]:
     """The request's session (cookie → session id → the process cache or the store), or None
-    when there is no cookie, or it names no live session, or it was tampered with."""
-    return await request.app[SESSIONS].current(request.app[COOKIES].session_id(request))
+    when there is no cookie, or it names no live session, or it was tampered with.
+
+    Returns the manager's coroutine rather than wrapping it: it is on every request's path.
+    """
+    return request.app[SESSIONS].current(request.app[COOKIES].session_id(request))
 
 
 def safe_return_path(value: str | None) -> str:
