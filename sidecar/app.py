@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.access.admission import Admission
 from sidecar.backend import Backend, open_backend
@@ -22,7 +21,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.forwarding.headers import ForwardedPolicy, injected_names
 from sidecar.forwarding.upstream import PathPrefixes, Router, Upstream
 from sidecar.health import Readiness, healthz, readyz
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, metrics_endpoint
 from sidecar.oidc import OIDCClient
 from sidecar.refresh import Refresher, RefreshTiming
 from sidecar.session import Keyring, SessionManager
@@ -143,7 +142,7 @@ def build_apps(
     management[READINESS] = readiness
     management.router.add_get("/healthz", healthz)
     management.router.add_get("/readyz", readyz)
-    management.router.add_get("/metrics", metrics_handler)
+    management.router.add_get("/metrics", metrics_endpoint)
     return main, management
 
 
@@ -205,8 +204,3 @@ async def _identity_provider(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await discovery
     await oidc.close()
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

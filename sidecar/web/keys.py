@@ -11,7 +11,7 @@ from sidecar.config import Config
 from sidecar.forwarding.headers import ForwardedPolicy
 from sidecar.forwarding.upstream import PathPrefixes, Router
 from sidecar.health import READINESS
-from sidecar.metrics import Metrics
+from sidecar.metrics import METRICS
 from sidecar.oidc import OIDCClient
 from sidecar.refresh import Refresher
 from sidecar.session import SessionManager
@@ -36,7 +36,6 @@ __all__ = [
 
 ADMISSION: Final = web.AppKey("admission", Admission)
 CONFIG: Final = web.AppKey("config", Config)
-METRICS: Final = web.AppKey("metrics", Metrics)
 ROUTER: Final = web.AppKey("router", Router)
 OIDC: Final = web.AppKey("oidc", OIDCClient)
 SESSIONS: Final = web.AppKey("sessions", SessionManager)
