@@ -89,12 +89,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.dev.demo import run_demo
+    from sidecar.dev.demo import DemoPortBusy, run_demo
     from sidecar.logging import configure_logging
     from sidecar.server import run_until_done
 
     configure_logging("info")
-    run_until_done(run_demo(args.port))
+    try:
+        run_until_done(run_demo(args.port))
+    except DemoPortBusy as exc:
+        print(exc, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ import html
 import json
 import logging
 import secrets
+import socket
 import sys
 import time
 from typing import Final
@@ -23,12 +24,13 @@ from sidecar.config import Config
 from sidecar.dev.idp import DevClient, DevIdP, default_users
 from sidecar.server import serve
 
-__all__ = ["demo_config", "run_demo"]
+__all__ = ["DemoPortBusy", "demo_config", "run_demo"]
 
 log = logging.getLogger("sidecar.dev.demo")
 
 _HOST: Final = "127.0.0.1"  # loopback only, whatever else is configured
 ACCESS_TOKEN_TTL: Final = 30.0  # short, so refreshes can be watched on the page
+_PORTS: Final = 4  # the sidecar, the dev IdP, the echo app, the management listener
 
 
 def demo_config(port: int, client_secret: str) -> Config:
@@ -51,7 +53,15 @@ def demo_config(port: int, client_secret: str) -> Config:
                 "cookie_secure": False,
                 "encryption_keys": [base64.b64encode(secrets.token_bytes(32)).decode()],
             },
-            "upstreams": [{"path": "/", "url": f"http://{_HOST}:{port + 2}"}],
+            "upstreams": [
+                {"path": "/", "url": f"http://{_HOST}:{port + 2}"},
+                # Only the `admins` group (alice): bob and carol see the designed 403.
+                {
+                    "path": "/admin",
+                    "url": f"http://{_HOST}:{port + 2}",
+                    "access": {"allowed_groups": ["admins"]},
+                },
+            ],
             "refresh": {"before_expiry": "10s"},
             "logging": {"level": "info"},
         }
@@ -60,6 +70,9 @@ def demo_config(port: int, client_secret: str) -> Config:
 
 async def run_demo(port: int = 4180) -> None:
     """Start the three parts and serve until Ctrl-C."""
+    busy = _busy_ports(range(port, port + _PORTS))
+    if busy:
+        raise DemoPortBusy(port, busy)
     secret = secrets.token_urlsafe(24)
     config = demo_config(port, secret)
     idp = DevIdP(
@@ -75,7 +88,12 @@ async def run_demo(port: int = 4180) -> None:
         users=default_users(),
         access_token_ttl=ACCESS_TOKEN_TTL,
     )
-    runners = [web.AppRunner(idp.app()), web.AppRunner(echo_app())]
+    # No access lines from the dev IdP and the echo app: their query strings carry codes and
+    # ID tokens, and the sidecar's own lines tell the story.
+    runners = [
+        web.AppRunner(idp.app(), access_log=None),
+        web.AppRunner(echo_app(), access_log=None),
+    ]
     for runner, part_port in zip(runners, (port + 1, port + 2), strict=True):
         await runner.setup()
         await web.TCPSite(runner, _HOST, part_port).start()
@@ -92,6 +110,30 @@ async def run_demo(port: int = 4180) -> None:
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+class DemoPortBusy(Exception):
+    """A port the demo needs is taken: said in one line, without a traceback."""
+
+    def __init__(self, port: int, busy: list[int]) -> None:
+        taken = ", ".join(str(p) for p in busy)
+        free = max(busy) + 1
+        super().__init__(
+            f"auth-sidecar demo: port {taken} on {_HOST} is in use (the demo uses {port} to "
+            f"{port + _PORTS - 1}); try `auth-sidecar demo --port {free}`"
+        )
+
+
+def _busy_ports(ports: range) -> list[int]:
+    """The ports among `ports` that cannot be bound on the loopback address now."""
+    busy = []
+    for candidate in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind((_HOST, candidate))
+            except OSError:
+                busy.append(candidate)
+    return busy
 
 
 def echo_app() -> web.Application:
@@ -131,9 +173,9 @@ async def _page(request: web.Request) -> web.Response:
         for k, v in request.headers.items()
     )
     body = _PAGE.format(
-        user=html.escape(str(who["user"])),
-        email=html.escape(str(who["email"])),
-        groups=html.escape(str(who["groups"])),
+        user=html.escape(str(who["user"] or "")),
+        email=html.escape(str(who["email"] or "none")),
+        groups=html.escape(str(who["groups"] or "none")),
         left=html.escape(str(who["token_seconds_left"])),
         rows=rows,
     )

@@ -123,3 +123,61 @@ async def test_demo_logs_in_and_refreshes_without_logout(demo: tuple[int, Path])
     log = output(out)
     assert "open  " + base in log
     assert cookie not in log  # the session id never reaches the output
+
+
+async def test_demo_rules_pages_and_quiet_output(demo: tuple[int, Path]) -> None:
+    """`/admin` admits only alice (bob gets the designed 403); carol's page says she has no
+    groups rather than "None"; and after logins and a sign-out through the dev IdP, the
+    demo's output holds no code, ID token or token hint (the dev IdP and the echo app write
+    no access lines)."""
+    port, out = demo
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        await wait_ready(http, port, out)
+        statuses = {}
+        for user in ("alice", "bob"):
+            cookie = await log_in(base, user)
+            headers = {**NAVIGATE, "Cookie": f"{COOKIE}={cookie}"}
+            async with http.get(base + "/admin/", headers=headers, allow_redirects=False) as r:
+                statuses[user] = r.status
+        assert statuses == {"alice": 200, "bob": 403}
+
+        carol = await log_in(base, "carol")
+        headers = {**NAVIGATE, "Cookie": f"{COOKIE}={carol}"}
+        async with http.get(base + "/", headers=headers) as r:
+            page = await r.text()
+        assert "groups <b>none</b>" in page and "None" not in page
+
+        async with http.post(
+            base + "/oauth2/sign_out", headers=headers, allow_redirects=False
+        ) as r:
+            assert r.status == 303
+            end_session = r.headers["Location"]
+        assert "id_token_hint=" in end_session
+        async with http.get(end_session, allow_redirects=False) as r:
+            assert r.status in (200, 302, 303)
+    log = output(out)
+    for secret in ("id_token_hint", "code=", "eyJ", carol):
+        assert secret not in log, f"{secret!r} in the demo's output:\n{log}"
+
+
+def test_busy_port_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Anything on one of the demo's four ports: one line that names the port and suggests
+    `--port`, exit 1, no traceback (and nothing left listening)."""
+    port = free_ports_in_a_row(4)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 1))
+        taken.listen()
+        done = subprocess.run(
+            [console_script(), "demo", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr
+    assert str(port + 1) in lines[0] and "--port" in lines[0]
+    with socket.socket() as again:  # the demo bound nothing before giving up
+        again.bind(("127.0.0.1", port))
