@@ -1,0 +1,64 @@
+"""The documentation matches the repository: every relative link in README.md,
+CONTRIBUTING.md, docs/ and the chart's README leads to a file that exists, and every
+`auth-sidecar …` command the README shows is one the command line accepts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from sidecar import cli
+from tests.support.repo import REPO_ROOT
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_COMMAND = re.compile(r"(?:^|[\s/])auth-sidecar(?=\s|$)((?:[ \t]+[^\s&|;#`<>]+)*)")
+
+
+def _documents() -> list[Path]:
+    return [
+        REPO_ROOT / "README.md",
+        REPO_ROOT / "CONTRIBUTING.md",
+        REPO_ROOT / "helm" / "auth-sidecar" / "README.md",
+        *sorted((REPO_ROOT / "docs").glob("*.md")),
+    ]
+
+
+@pytest.mark.parametrize("document", _documents(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_relative_links_lead_somewhere(document: Path) -> None:
+    broken = []
+    for target in _LINK.findall(document.read_text()):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # another site, or an anchor in the same page
+        path = (document.parent / target.split("#", 1)[0]).resolve()
+        if not path.exists():
+            broken.append(target)
+    assert broken == []
+
+
+def _readme_commands() -> list[list[str]]:
+    """The arguments of each `auth-sidecar …` in the README's code blocks."""
+    text = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:sh|bash|console)?\n(.*?)```", text, re.DOTALL)
+    commands = []
+    for block in blocks:
+        for line in block.splitlines():
+            for match in _COMMAND.finditer(line):
+                commands.append(shlex.split(match.group(1)))
+    return commands
+
+
+def test_the_readme_shows_commands() -> None:
+    """The check below has something to check."""
+    assert any(args[:1] == ["demo"] for args in _readme_commands())
+
+
+@pytest.mark.parametrize("args", _readme_commands(), ids=" ".join)
+def test_readme_commands_parse(args: list[str]) -> None:
+    try:
+        parsed = cli._parser().parse_args(args)
+    except SystemExit as exc:  # argparse's way of refusing
+        pytest.fail(f"`auth-sidecar {' '.join(args)}` is refused by the command line: {exc}")
+    assert parsed.command is not None, args
