@@ -62,3 +62,41 @@ def test_readme_commands_parse(args: list[str]) -> None:
     except SystemExit as exc:  # argparse's way of refusing
         pytest.fail(f"`auth-sidecar {' '.join(args)}` is refused by the command line: {exc}")
     assert parsed.command is not None, args
+
+
+_BROKEN_CONFIG = """\
+server:
+  listen: 0.0.0.0:4180
+  public_url: https://app.example.com
+  workres: 2
+oidc:
+  issuer: https://idp.example.com
+  client_id: app
+  client_secret: s3cret
+session:
+  encryption_keys: [short]
+redis:
+  url: redis://r:6379/0
+refresh:
+  idp_timeout: 10s
+  lock_ttl: 5s
+upstreams:
+  - path: /
+    url: http://x:8080
+    timeout: 30
+"""
+
+
+def test_the_sample_error_in_the_configuration_guide_is_the_real_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/configuration.md shows what `check-config` prints for a config with four
+    mistakes; the same mistakes, checked now, print exactly that."""
+    guide = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    section = guide[guide.index("## Validation") :]
+    shown = re.search(r"```\n(auth-sidecar: invalid configuration.*?)```", section, re.DOTALL)
+    assert shown is not None
+    monkeypatch.chdir(tmp_path)
+    Path("sidecar.yaml").write_text(_BROKEN_CONFIG)
+    assert cli.main(["check-config", "--config", "sidecar.yaml"]) == 1
+    assert capsys.readouterr().err == shown.group(1)
