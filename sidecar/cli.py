@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from sidecar import __version__
 from sidecar.config import Config, load_config
+from sidecar.config.schema import config_schema
 from sidecar.errors import ConfigError
 
 __all__ = ["main"]
@@ -109,7 +110,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _config_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(Config.model_json_schema(mode="validation"), indent=2))
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 

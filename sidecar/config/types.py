@@ -8,12 +8,22 @@ from typing import Annotated, Any, NamedTuple
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-__all__ = ["Address", "Duration", "ListenAddress", "parse_address", "parse_duration"]
+__all__ = [
+    "DURATION_PATTERN",
+    "Address",
+    "Duration",
+    "ListenAddress",
+    "format_duration",
+    "parse_address",
+    "parse_duration",
+]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
 _NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
+# What a duration looks like in the JSON Schema (`config-schema`).
+DURATION_PATTERN = rf"^(0|{_DURATION.pattern})$"
 
 
 def parse_duration(value: Any) -> float:
@@ -40,7 +50,8 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"expected a duration like 500ms, 30s, 5m or 24h, got {value!r}")
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """Seconds as a duration the validator accepts: `500ms`, `60s`."""
     if seconds and seconds < 1:
         return f"{round(seconds * 1000)}ms"
     return f"{seconds:g}s"
@@ -49,11 +60,11 @@ def _format_duration(seconds: float) -> str:
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    PlainSerializer(_format_duration, return_type=str),
+    PlainSerializer(format_duration, return_type=str),
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": rf"^(0|{_DURATION.pattern})$",
+            "pattern": DURATION_PATTERN,
             "description": "duration: 500ms, 30s, 5m, 24h, 1h30m",
         }
     ),
