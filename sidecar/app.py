@@ -184,12 +184,21 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
 async def _probe_store(
     store: SessionStore, name: str, readiness: Readiness, stop: asyncio.Event
 ) -> None:
+    up: bool | None = None  # what the last probe found: logged when it changes
     while not stop.is_set():
         try:
             await store.ping()
             readiness.report(name, True)
+            if up is False:
+                log.info("session store reachable again", extra={"dependency": name})
+            up = True
         except StoreUnavailable as exc:
             readiness.report(name, False, str(exc))
+            if up is not False:
+                log.warning(
+                    "session store unavailable", extra={"dependency": name, "error": str(exc)}
+                )
+            up = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), _STORE_PROBE_INTERVAL)
 

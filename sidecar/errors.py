@@ -20,6 +20,8 @@ One middleware (`middleware.map_errors`) maps every kind to its HTTP answer.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "ConfigError",
     "IdPError",
@@ -35,6 +37,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "reason",
 ]
 
 
@@ -163,3 +166,21 @@ class RefreshUnavailable(SidecarError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = max(1, round(retry_after))
+
+
+def reason(exc: BaseException) -> str:
+    """Why a dependency call failed, for operators (logs, /readyz): the exception's class and
+    message, and the system's words for an OS error behind it, e.g. "ConnectionError: Error
+    111 connecting to 127.0.0.1:6379. (Connection refused)". Redis and aiohttp put the
+    address in their messages, never a password."""
+    message = " ".join(str(exc).split())[:200]
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    cause: BaseException | None = exc
+    for _ in range(5):  # the OS error a library wrapped, if any
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno:
+            words = os.strerror(cause.errno)
+            return text if words in text else f"{text} ({words})"
+        cause = cause.__cause__ or cause.__context__
+    return text

@@ -21,7 +21,7 @@ import aiohttp
 from yarl import URL
 
 from sidecar.config import OIDCConfig
-from sidecar.errors import IdPUnavailable, InvalidIDToken, TokenRequestError
+from sidecar.errors import IdPUnavailable, InvalidIDToken, TokenRequestError, reason
 from sidecar.health import Readiness
 from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
 from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
@@ -101,8 +101,9 @@ class OIDCClient:
                 self._metadata = parse_metadata(document, self.config.issuer)
                 await self.jwks.load()
             except Exception as exc:  # whatever went wrong, boot must keep retrying
-                self._readiness.report("idp", False, f"discovery failed: {type(exc).__name__}")
-                log.warning("IdP discovery failed; retrying", extra={"error": str(exc)[:200]})
+                detail = f"discovery of {self.config.issuer} failed: {reason(exc)}"
+                self._readiness.report("idp", False, detail)
+                log.warning("IdP discovery failed; retrying", extra={"error": detail})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
@@ -294,7 +295,7 @@ class OIDCClient:
                 if resp.status != 200:
                     raise IdPUnavailable(f"{url} answered HTTP {resp.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise IdPUnavailable(f"{url}: {type(exc).__name__}") from exc
+            raise IdPUnavailable(f"{url}: {reason(exc)}") from exc
         payload = _json_object(body)
         if payload is None:
             raise IdPUnavailable(f"{url} did not answer a JSON object")

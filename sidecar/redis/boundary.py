@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from redis.exceptions import RedisError
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import StoreUnavailable, reason
 
 __all__ = ["as_bytes", "milliseconds", "translated_errors"]
 
@@ -19,7 +19,7 @@ async def translated_errors() -> AsyncIterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        raise StoreUnavailable(f"redis: {reason(exc)}") from exc
 
 
 def milliseconds(seconds: float) -> int:

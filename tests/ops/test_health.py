@@ -326,3 +326,44 @@ async def test_session_cache_live_gauge(start_sidecar: Any, http: aiohttp.Client
         await asyncio.sleep(0.02)
     assert sample(await scrape(http, on.management_url("/metrics")), live) == 1
     assert sample(await scrape(http, off.management_url("/metrics")), live) == 0
+
+
+async def test_unreachable_dependencies_are_named_with_address_and_reason(
+    start_sidecar: Any, http: aiohttp.ClientSession, caplog: Any
+) -> None:
+    """Redis and the IdP both unreachable at start-up: /readyz names each with its address
+    and the reason (what an operator needs), and the log says Redis is unavailable, once."""
+    dead_redis, dead_idp = free_port(), free_port()
+    config = make_config(
+        session={
+            "store": "redis",
+            "cookie_name": "sidecar",
+            "cookie_secure": False,
+            "encryption_keys": [TEST_KEY],
+        },
+        redis={"url": f"redis://127.0.0.1:{dead_redis}/0", "key_prefix": "dead"},
+        oidc={
+            "issuer": f"http://127.0.0.1:{dead_idp}",
+            "client_id": "app",
+            "client_secret": "s3cret-value",
+        },
+    )
+    caplog.set_level("INFO")
+    sidecar = await start_sidecar(config)
+    url = sidecar.management_url("/readyz")
+    body: Any = {}
+    for _ in range(100):
+        status, body = await get_json(http, url)
+        deps = body["dependencies"]
+        reported = [deps.get(name, {}).get("detail", "starting") for name in ("redis", "idp")]
+        if "starting" not in reported:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 503
+    redis_detail = body["dependencies"]["redis"]["detail"]
+    idp_detail = body["dependencies"]["idp"]["detail"]
+    assert f"127.0.0.1:{dead_redis}" in redis_detail and "refused" in redis_detail.lower()
+    assert f"127.0.0.1:{dead_idp}" in idp_detail
+    assert "s3cret-value" not in str(body)
+    warnings = [r for r in caplog.records if r.getMessage() == "session store unavailable"]
+    assert len(warnings) == 1 and f"127.0.0.1:{dead_redis}" in warnings[0].error
