@@ -1,4 +1,4 @@
-"""`auth-sidecar demo`: dev IdP + echo upstream + the sidecar with the memory store, one command.
+"""`auth-sidecar demo`: dev IdP + demo app + the sidecar with the memory store, one command.
 
 Everything binds to 127.0.0.1 only. The dev IdP is for trying the sidecar out, never for
 protecting anything.
@@ -7,20 +7,16 @@ protecting anything.
 from __future__ import annotations
 
 import base64
-import html
-import json
 import logging
 import secrets
 import socket
 import sys
-import time
 from typing import Final
 
 from aiohttp import web
-from joserfc.errors import JoseError
-from joserfc.jws import extract_compact
 
 from sidecar.config import Config
+from sidecar.dev.demo_app import demo_app
 from sidecar.dev.idp import DevClient, DevIdP, default_users
 from sidecar.server import serve
 
@@ -41,11 +37,13 @@ def demo_config(port: int, client_secret: str) -> Config:
             "server": {"listen": f"{_HOST}:{port}", "public_url": base},
             "management": {"listen": f"{_HOST}:{port + 3}"},
             "oidc": {
-                "issuer": f"http://{_HOST}:{port + 1}",
+                # Under a path: the dev IdP's cookie (Path=/idp) then never reaches the app on
+                # the same host, whose pages would show it.
+                "issuer": f"http://{_HOST}:{port + 1}/idp",
                 "client_id": "demo",
                 "client_secret": client_secret,
                 "scopes": ["openid", "email", "profile", "offline_access"],
-                "post_logout_redirect_url": base + "/",
+                "post_logout_redirect_url": base + "/signed-out",
             },
             "session": {
                 "store": "memory",
@@ -62,6 +60,7 @@ def demo_config(port: int, client_secret: str) -> Config:
                     "access": {"allowed_groups": ["admins"]},
                 },
             ],
+            "public_paths": ["/signed-out"],
             "refresh": {"before_expiry": "10s"},
             "logging": {"level": "info"},
         }
@@ -82,7 +81,7 @@ async def run_demo(port: int = 4180) -> None:
                 client_id="demo",
                 client_secret=secret,
                 redirect_uris=(config.server.public_url + "/oauth2/callback",),
-                post_logout_redirect_uris=(config.server.public_url + "/",),
+                post_logout_redirect_uris=(config.server.public_url + "/signed-out",),
             )
         },
         users=default_users(),
@@ -92,7 +91,7 @@ async def run_demo(port: int = 4180) -> None:
     # ID tokens, and the sidecar's own lines tell the story.
     runners = [
         web.AppRunner(idp.app(), access_log=None),
-        web.AppRunner(echo_app(), access_log=None),
+        web.AppRunner(demo_app(lambda: idp.stats), access_log=None),
     ]
     for runner, part_port in zip(runners, (port + 1, port + 2), strict=True):
         await runner.setup()
@@ -100,7 +99,7 @@ async def run_demo(port: int = 4180) -> None:
     print(
         "\n  auth-sidecar demo — development only, listening on 127.0.0.1\n"
         f"  open  {config.server.public_url}/   (log in as alice, bob or carol)\n"
-        f"  dev IdP {config.oidc.issuer}   echo app http://{_HOST}:{port + 2}"
+        f"  dev IdP {config.oidc.issuer}   demo app http://{_HOST}:{port + 2}"
         f"   metrics http://{_HOST}:{port + 3}/metrics\n",
         file=sys.stderr,
         flush=True,
@@ -134,81 +133,3 @@ def _busy_ports(ports: range) -> list[int]:
             except OSError:
                 busy.append(candidate)
     return busy
-
-
-def echo_app() -> web.Application:
-    """An upstream that shows who the sidecar says you are and what it received."""
-    app = web.Application()
-    app.router.add_get("/api/whoami", _whoami)
-    app.router.add_route("*", "/{tail:.*}", _page)
-    return app
-
-
-def _token_seconds_left(authorization: str) -> float | None:
-    token = authorization.removeprefix("Bearer ").strip()
-    try:
-        exp = json.loads(extract_compact(token.encode()).payload).get("exp")
-    except (JoseError, ValueError, AttributeError):
-        return None
-    return round(float(exp) - time.time(), 1) if isinstance(exp, int | float) else None
-
-
-def _identity(request: web.Request) -> dict[str, object]:
-    return {
-        "user": request.headers.get("X-Forwarded-User"),
-        "email": request.headers.get("X-Forwarded-Email"),
-        "groups": request.headers.get("X-Forwarded-Groups"),
-        "token_seconds_left": _token_seconds_left(request.headers.get("Authorization", "")),
-    }
-
-
-async def _whoami(request: web.Request) -> web.Response:
-    return web.json_response(_identity(request))
-
-
-async def _page(request: web.Request) -> web.Response:
-    who = _identity(request)
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(_shown(k, v))}</code></td></tr>"
-        for k, v in request.headers.items()
-    )
-    body = _PAGE.format(
-        user=html.escape(str(who["user"] or "")),
-        email=html.escape(str(who["email"] or "none")),
-        groups=html.escape(str(who["groups"] or "none")),
-        left=html.escape(str(who["token_seconds_left"])),
-        rows=rows,
-    )
-    return web.Response(text=body, content_type="text/html")
-
-
-def _shown(name: str, value: str) -> str:
-    # The demo shows that a token arrived, not the token itself.
-    if name.lower() == "authorization" and len(value) > 20:
-        return value[:19] + "… (" + str(len(value)) + " characters)"
-    return value
-
-
-_PAGE: Final = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>auth-sidecar demo</title>
-<style>body{{font-family:system-ui;margin:2rem;max-width:60rem}}
-th{{text-align:left;padding-right:1rem}}td code{{word-break:break-all}}</style></head>
-<body><h1>Hello, <span id="user">{user}</span></h1>
-<p>email <b>{email}</b>, groups <b>{groups}</b></p>
-<p>access token expires in <b id="left">{left}</b> s
-(background API call every 5 s: <span id="api">waiting</span>)</p>
-<form method="post" action="/oauth2/sign_out"><button type="submit">Sign out</button></form>
-<h2>Headers the app received</h2><table>{rows}</table>
-<script>
-async function poll() {{
-  try {{
-    const r = await fetch("/api/whoami", {{headers: {{Accept: "application/json"}}}});
-    const body = await r.json();
-    document.getElementById("api").textContent = r.status + " at " +
-      new Date().toLocaleTimeString();
-    if (r.ok) document.getElementById("left").textContent = body.token_seconds_left;
-  }} catch (e) {{ document.getElementById("api").textContent = "failed: " + e; }}
-}}
-setInterval(poll, 5000); poll();
-</script></body></html>
-"""

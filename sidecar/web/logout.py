@@ -65,7 +65,12 @@ def _wants_json(request: web.Request) -> bool:
 
 
 _SIGN_OUT_PAGE: Final = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Sign out</title></head>
-<body><form method="post" action="/oauth2/sign_out">
-<button type="submit">Sign out</button></form></body></html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign out</title>
+<style>body{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem}
+</style></head>
+<body><h1>Sign out</h1>
+<p>Signing out ends your session on this site, revokes its tokens and signs you out at the
+identity provider too.</p>
+<form method="post" action="/oauth2/sign_out">
+<button type="submit">Sign out</button> <a href="/">Cancel</a></form></body></html>
 """

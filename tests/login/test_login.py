@@ -360,6 +360,7 @@ async def test_sign_out(start_sidecar: Any, upstream_app: Any) -> None:
             assert r.status == 200
             text = await r.text()
         assert "<form" in text and 'method="post"' in text
+        assert "<h1>Sign out</h1>" in text and "identity provider" in text  # labelled
         assert (await get_json(s, sc.url("/x")))[0] == 200
         for bad in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
             async with s.post(sc.url("/oauth2/sign_out"), headers=bad, allow_redirects=False) as r:

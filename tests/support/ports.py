@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["free_port"]
+__all__ = ["free_port", "free_ports_in_a_row"]
 
 # Listen ports come from below the kernel's ephemeral range (32768-60999 on Linux): a port the
 # OS picked with bind(0) is handed to outgoing connections too, and one of those can take it
@@ -29,3 +29,22 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {_PORTS}")
+
+
+def free_ports_in_a_row(n: int) -> int:
+    """The first of `n` consecutive free ports (the demo uses its port and the next three)."""
+    for _ in range(200):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first + 1, first + n):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {n} free ports in a row")

@@ -1,0 +1,119 @@
+"""The demo as a new user sees it, in headless Chromium: `auth-sidecar demo` as a real process.
+
+Alice logs in at the dev IdP's chooser; the page's token panel shows token #1; the
+"50 requests" button waits until the token is due and fires 50 requests at once: all are
+answered, the IdP counts one refresh grant and no reuse, and the panel moves to token #2 with
+a "refreshed" line. Alice signs out and lands on the signed-out page; bob then logs in on the
+way to /admin/ and gets the sidecar's 403. Screenshots go to `test-output/demo/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.ports import free_ports_in_a_row
+from tests.support.processes import stop_process
+from tests.support.repo import REPO_ROOT
+from tests.support.sidecars import console_script
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+SCREENSHOTS = REPO_ROOT / "test-output" / "demo"
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A running `auth-sidecar demo`: its base URL and its output file."""
+    port = free_ports_in_a_row(4)
+    out = tmp_path / "demo.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [console_script(), "demo", "--port", str(port)], stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port + 3}/readyz", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"demo never became ready:\n{out.read_text()}") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", out
+    finally:
+        stop_process(proc, 15)
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the Python package `playwright` is required: pip install -e '.[test]'")
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is required: apt-get install -y chromium")
+    return sync_playwright
+
+
+def test_demo_tells_the_story(demo: tuple[str, Path]) -> None:
+    base, out = demo
+    sync_playwright = _playwright()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SCREENSHOTS.glob("*.png"):
+        old.unlink()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+
+            # 1. Log in as alice at the dev IdP's chooser; the page shows token #1.
+            page.goto(base + "/")
+            page.click("button[value=alice]")
+            page.wait_for_url(base + "/")
+            assert page.text_content("#user") == "alice"
+            page.wait_for_function("document.getElementById('token-number').textContent == '#1'")
+            headers = page.eval_on_selector_all(
+                "#headers tr.added th", "r => r.map(e => e.textContent)"
+            )
+            assert "Authorization" in headers and "X-Forwarded-User" in headers, headers
+            shown = page.text_content("#headers")
+            assert "devidp_session" not in shown and "sidecar_demo" not in shown, shown
+            page.screenshot(path=SCREENSHOTS / "1-logged-in-token-1.png")
+
+            # 2. 50 requests at once when the token is due: one grant, no reuse, token #2.
+            page.click("#burst")
+            page.wait_for_function("window.burstResult !== undefined", timeout=45_000)
+            burst = page.evaluate("window.burstResult")
+            assert burst == {"answers": 50, "ok": 50, "tokens": 1, "grants": 1, "reuse": 0}, (
+                burst,
+                out.read_text(),
+            )
+            page.wait_for_function("document.getElementById('token-number').textContent == '#2'")
+            log = page.text_content("#log")
+            assert "token #2" in log and "refreshed" in log and "before #1 expired" in log, log
+            page.screenshot(path=SCREENSHOTS / "2-after-50-requests.png")
+
+            # 3. Sign out: the signed-out landing page, no IdP chooser.
+            page.click("#signout")
+            page.wait_for_url(base + "/signed-out")
+            assert "Signed out" in page.text_content("h1")
+            page.screenshot(path=SCREENSHOTS / "3-signed-out.png")
+
+            # 4. Bob on his way to /admin/: the sidecar's 403.
+            page.goto(base + "/admin/")
+            page.click("button[value=bob]")
+            page.wait_for_url(base + "/admin/")
+            assert "not allowed" in page.content(), page.content()
+            page.screenshot(path=SCREENSHOTS / "4-bob-403-on-admin.png")
+        finally:
+            browser.close()
