@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="dev IdP + echo app + sidecar on 127.0.0.1")
     demo.add_argument("--port", type=int, default=4180, help="sidecar port (uses the next 3)")
+    demo.add_argument(
+        "--verbose", action="store_true", help="JSON logs and access lines instead of the story"
+    )
     demo.set_defaults(func=_demo)
 
     key = commands.add_parser("generate-key", help="print a new session encryption key")
@@ -90,13 +93,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from sidecar.dev.console import configure_demo_logging
     from sidecar.dev.demo import DemoPortBusy, run_demo
     from sidecar.logging import configure_logging
     from sidecar.server import run_until_done
 
-    configure_logging("info")
+    if args.verbose:
+        configure_logging("info")
+    else:
+        configure_demo_logging()
     try:
-        run_until_done(run_demo(args.port))
+        run_until_done(run_demo(args.port, verbose=args.verbose))
     except DemoPortBusy as exc:
         print(exc, file=sys.stderr)
         return 1

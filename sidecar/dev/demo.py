@@ -29,7 +29,7 @@ ACCESS_TOKEN_TTL: Final = 30.0  # short, so refreshes can be watched on the page
 _PORTS: Final = 4  # the sidecar, the dev IdP, the echo app, the management listener
 
 
-def demo_config(port: int, client_secret: str) -> Config:
+def demo_config(port: int, client_secret: str, *, access_log: bool = False) -> Config:
     """The sidecar's configuration for the demo: IdP on port+1, echo app on port+2."""
     base = f"http://{_HOST}:{port}"
     return Config.model_validate(
@@ -62,18 +62,18 @@ def demo_config(port: int, client_secret: str) -> Config:
             ],
             "public_paths": ["/signed-out"],
             "refresh": {"before_expiry": "10s"},
-            "logging": {"level": "info"},
+            "logging": {"level": "info", "access_log": access_log},
         }
     )
 
 
-async def run_demo(port: int = 4180) -> None:
-    """Start the three parts and serve until Ctrl-C."""
+async def run_demo(port: int = 4180, *, verbose: bool = False) -> None:
+    """Start the three parts and serve until Ctrl-C; `verbose` keeps the access log."""
     busy = _busy_ports(range(port, port + _PORTS))
     if busy:
         raise DemoPortBusy(port, busy)
     secret = secrets.token_urlsafe(24)
-    config = demo_config(port, secret)
+    config = demo_config(port, secret, access_log=verbose)
     idp = DevIdP(
         config.oidc.issuer,
         clients={
@@ -87,8 +87,8 @@ async def run_demo(port: int = 4180) -> None:
         users=default_users(),
         access_token_ttl=ACCESS_TOKEN_TTL,
     )
-    # No access lines from the dev IdP and the echo app: their query strings carry codes and
-    # ID tokens, and the sidecar's own lines tell the story.
+    # Never access lines from the dev IdP and the demo app: their query strings carry codes
+    # and ID-token hints, and the sidecar's own lines tell the story.
     runners = [
         web.AppRunner(idp.app(), access_log=None),
         web.AppRunner(demo_app(lambda: idp.stats), access_log=None),

@@ -229,6 +229,7 @@ class Refresher:
                 "refresh",
                 extra={
                     "session": session.h[:12],
+                    "user": session.record.subject,
                     "outcome": outcome,
                     "duration_ms": round(duration * 1000, 1),
                 },

@@ -131,7 +131,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if previous is not None:
         await sessions.delete(previous)
     session = await sessions.create(record)
-    log.info("login", extra={"session": session.h[:12]})
+    log.info("login", extra={"session": session.h[:12], "user": record.subject})
     response = redirect(pending.return_to)
     cookies.set_session(response, session.id)
     return response

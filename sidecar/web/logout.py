@@ -37,7 +37,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         id_token = session.record.id_token
         if session.record.refresh_token:
             await client.revoke(session.record.refresh_token)
-        log.info("logout", extra={"session": session.h[:12]})
+        log.info("logout", extra={"session": session.h[:12], "user": session.record.subject})
     target = client.end_session_url(id_token) or config.oidc.post_logout_redirect_url or "/"
     response: web.StreamResponse
     if _wants_json(request):

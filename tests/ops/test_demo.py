@@ -8,6 +8,7 @@ been replaced, and every call must succeed (no logout, no 5xx).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import time
@@ -103,6 +104,7 @@ async def test_demo_logs_in_and_refreshes_without_logout(demo: tuple[int, Path])
     assert 'sidecar_refresh_total{outcome="refreshed"} 1.0' in metrics
     log = output(out)
     assert "open  " + base in log
+    assert re.search(r"^\d\d:\d\d:\d\d  refresh\s+alice  refreshed", log, re.MULTILINE), log
     assert cookie not in log  # the session id never reaches the output
 
 
@@ -140,6 +142,12 @@ async def test_demo_rules_pages_and_quiet_output(demo: tuple[int, Path]) -> None
     log = output(out)
     for secret in ("id_token_hint", "code=", "eyJ", carol):
         assert secret not in log, f"{secret!r} in the demo's output:\n{log}"
+    # One human line per event, no JSON and no access lines.
+    story = re.findall(r"^\d\d:\d\d:\d\d  (\S+(?: \S+)?)\s+(\w+)", log, re.MULTILINE)
+    assert ("login", "alice") in story and ("login", "bob") in story, log
+    assert ("access denied", "bob") in story and ("logout", "carol") in story, log
+    assert not [line for line in log.splitlines() if line.startswith("{")], log
+    assert "GET /" not in log and '"path"' not in log, log
 
 
 def test_busy_port_is_one_line_naming_it(tmp_path: Path) -> None:
