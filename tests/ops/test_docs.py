@@ -22,6 +22,7 @@ def _documents() -> list[Path]:
         REPO_ROOT / "README.md",
         REPO_ROOT / "CONTRIBUTING.md",
         REPO_ROOT / "helm" / "auth-sidecar" / "README.md",
+        REPO_ROOT / "examples" / "keycloak" / "README.md",
         *sorted((REPO_ROOT / "docs").glob("*.md")),
     ]
 
