@@ -10,7 +10,6 @@ way to /admin/ and gets the sidecar's 403. Screenshots go to `test-output/demo/`
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,10 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.ports import free_ports_in_a_row
-from tests.support.processes import stop_process
+from tests.support.demo import running_demo
 from tests.support.repo import REPO_ROOT
-from tests.support.sidecars import console_script
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
@@ -32,26 +29,18 @@ SCREENSHOTS = REPO_ROOT / "test-output" / "demo"
 
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A running `auth-sidecar demo`: its base URL and its output file."""
-    port = free_ports_in_a_row(4)
-    out = tmp_path / "demo.log"
-    with out.open("wb") as log:
-        proc = subprocess.Popen(
-            [console_script(), "demo", "--port", str(port)], stdout=log, stderr=log
-        )
-    try:
+    """A running, ready `auth-sidecar demo`: its base URL and its output file."""
+    with running_demo(tmp_path) as (port, out):
         deadline = time.monotonic() + 30
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port + 3}/readyz", timeout=2):
                     break
             except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline:
                     raise AssertionError(f"demo never became ready:\n{out.read_text()}") from None
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}", out
-    finally:
-        stop_process(proc, 15)
 
 
 def _playwright() -> Any:

@@ -18,9 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.demo import running_demo
 from tests.support.login import NAVIGATE, browser, local, login, session_cookie
 from tests.support.ports import free_ports_in_a_row
-from tests.support.processes import stop_process
 from tests.support.sidecars import console_script
 
 COOKIE = "sidecar_demo"
@@ -30,16 +30,8 @@ READY_TIMEOUT = 30.0
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A running `auth-sidecar demo --port P`; its port and its output file."""
-    port = free_ports_in_a_row(4)
-    out = tmp_path / "demo.log"
-    with out.open("wb") as log:
-        proc = subprocess.Popen(
-            [console_script(), "demo", "--port", str(port)], stdout=log, stderr=log
-        )
-    try:
-        yield port, out
-    finally:
-        stop_process(proc, 15)
+    with running_demo(tmp_path) as running:
+        yield running
 
 
 def output(path: Path) -> str:
