@@ -12,31 +12,18 @@ If either is missing the test fails: it never skips.
 from __future__ import annotations
 
 import html
-import shutil
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.chromium import chromium_page, screenshots
 from tests.support.configs import config_dict
 from tests.support.provider import ProviderHandle
-from tests.support.repo import REPO_ROOT
 from tests.support.sidecars import SidecarProcess
 from tests.support.stores import REDIS_URL, new_prefix
 from tests.support.upstreams import Introspection, VerifyingUpstream
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SCREENSHOTS = REPO_ROOT / "test-output" / "browser"
 ACCESS_TOKEN_TTL = 6  # seconds: several expiries fit in a short test
 REFRESH_BEFORE = "3s"
 WATCH_SECONDS = 15.0  # >= 2 token lifetimes
@@ -67,23 +54,6 @@ setInterval(poll, 1000); poll();
 """
 
 
-def _require_playwright() -> Any:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(
-            "the Python package `playwright` is required for the browser test: "
-            "pip install -e '.[test]' (it brings its own driver; no browser download needed)",
-            pytrace=False,
-        )
-    if not Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is None:
-        pytest.fail(
-            f"{CHROMIUM} is required for the browser test: apt-get install -y chromium",
-            pytrace=False,
-        )
-    return sync_playwright
-
-
 @pytest.fixture
 def redis_key_prefix() -> Iterator[str]:
     """`redis_prefix` for this sync test (Playwright's sync API wants no running loop)."""
@@ -104,10 +74,7 @@ def test_browser_login_background_calls_across_expiries_and_logout(
     sidecar_process: Callable[..., SidecarProcess],
     redis_key_prefix: str,
 ) -> None:
-    sync_playwright = _require_playwright()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for old in SCREENSHOTS.glob("*.png"):
-        old.unlink()
+    shots = screenshots("browser")
 
     data = config_dict()
     public_url = data["server"]["public_url"]
@@ -139,62 +106,55 @@ def test_browser_login_background_calls_across_expiries_and_logout(
                 f"\n--- sidecar log ---\n{sidecar.logs()}\n--- provider log ---\n{provider.logs()}"
             )
 
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(15_000)
+        with chromium_page() as page:
+            # 1. The app through the sidecar sends the browser to the provider's login form.
+            page.goto(public_url + "/")
+            page.wait_for_url(provider.issuer + "/interaction/**")
+            page.screenshot(path=shots / "1-idp-login-form.png")
 
-                # 1. The app through the sidecar sends the browser to the provider's login form.
-                page.goto(public_url + "/")
-                page.wait_for_url(provider.issuer + "/interaction/**")
-                page.screenshot(path=SCREENSHOTS / "1-idp-login-form.png")
+            # 2. Log in as alice: back on the upstream page, which greets her.
+            page.fill("input[name=login]", "alice")
+            page.click("button[type=submit]")
+            page.wait_for_url(public_url + "/")
+            assert page.text_content("#user") == "alice", page.content() + context()
+            page.wait_for_function("window.results && window.results.length >= 1")
+            page.screenshot(path=shots / "2-upstream-page.png")
 
-                # 2. Log in as alice: back on the upstream page, which greets her.
-                page.fill("input[name=login]", "alice")
-                page.click("button[type=submit]")
-                page.wait_for_url(public_url + "/")
-                assert page.text_content("#user") == "alice", page.content() + context()
-                page.wait_for_function("window.results && window.results.length >= 1")
-                page.screenshot(path=SCREENSHOTS / "2-upstream-page.png")
+            # 3. The page keeps calling the API across >= 2 access-token expiries.
+            page.wait_for_timeout(WATCH_SECONDS * 1000)
+            results: list[dict[str, Any]] = page.evaluate("window.results")
+            page.screenshot(path=shots / "3-after-token-expiries.png")
+            assert len(results) >= WATCH_SECONDS - 2, results
+            bad = [r for r in results if r.get("status") != 200]
+            assert not bad, f"background calls failed: {bad}{context()}"
+            assert all(r["user"] == "alice" for r in results), results
+            assert all(r["userinfo_status"] == 200 for r in results), results
+            assert all(r["sub"] == "alice" for r in results), results
+            tokens = list(dict.fromkeys(r["token"] for r in results))
+            assert len(tokens) >= 3, f"token changed {len(tokens) - 1} times: {results}"
+            stats = provider.stats()
+            assert stats["grants"].get("refresh_token", 0) >= 2, stats
+            assert stats["grant_errors"] == {}, stats
 
-                # 3. The page keeps calling the API across >= 2 access-token expiries.
-                page.wait_for_timeout(WATCH_SECONDS * 1000)
-                results: list[dict[str, Any]] = page.evaluate("window.results")
-                page.screenshot(path=SCREENSHOTS / "3-after-token-expiries.png")
-                assert len(results) >= WATCH_SECONDS - 2, results
-                bad = [r for r in results if r.get("status") != 200]
-                assert not bad, f"background calls failed: {bad}{context()}"
-                assert all(r["user"] == "alice" for r in results), results
-                assert all(r["userinfo_status"] == 200 for r in results), results
-                assert all(r["sub"] == "alice" for r in results), results
-                tokens = list(dict.fromkeys(r["token"] for r in results))
-                assert len(tokens) >= 3, f"token changed {len(tokens) - 1} times: {results}"
-                stats = provider.stats()
-                assert stats["grants"].get("refresh_token", 0) >= 2, stats
-                assert stats["grant_errors"] == {}, stats
+            # 4. Sign out: the provider's end-session page confirms itself and sends the
+            # browser back; the app is protected, so the provider asks for a login again.
+            page.click("#signout")
+            page.wait_for_url(provider.issuer + "/interaction/**")
+            page.screenshot(path=shots / "4-signed-out-login-again.png")
+            stats = provider.stats()
+            assert stats["end_sessions"] == 1, stats
+            assert stats["revocations"] == 1, stats
 
-                # 4. Sign out: the provider's end-session page confirms itself and sends the
-                # browser back; the app is protected, so the provider asks for a login again.
-                page.click("#signout")
-                page.wait_for_url(provider.issuer + "/interaction/**")
-                page.screenshot(path=SCREENSHOTS / "4-signed-out-login-again.png")
-                stats = provider.stats()
-                assert stats["end_sessions"] == 1, stats
-                assert stats["revocations"] == 1, stats
-
-                # 5. The API answers 401 to this browser now.
-                response = page.request.get(
-                    public_url + "/api/whoami", headers={"Accept": "application/json"}
-                )
-                assert response.status == 401, response.text() + context()
-                page.set_content(
-                    f"<h1>GET /api/whoami after sign-out: {response.status}</h1>"
-                    f"<pre>{html.escape(response.text())}</pre>"
-                )
-                page.screenshot(path=SCREENSHOTS / "5-api-401-after-logout.png")
-                assert provider.stats()["server_errors"] == []
-            finally:
-                browser.close()
+            # 5. The API answers 401 to this browser now.
+            response = page.request.get(
+                public_url + "/api/whoami", headers={"Accept": "application/json"}
+            )
+            assert response.status == 401, response.text() + context()
+            page.set_content(
+                f"<h1>GET /api/whoami after sign-out: {response.status}</h1>"
+                f"<pre>{html.escape(response.text())}</pre>"
+            )
+            page.screenshot(path=shots / "5-api-401-after-logout.png")
+            assert provider.stats()["server_errors"] == []
     finally:
         upstream.stop()

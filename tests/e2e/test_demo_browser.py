@@ -9,22 +9,16 @@ way to /admin/ and gets the sidecar's 403. Screenshots go to `test-output/demo/`
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.support.chromium import chromium_page, screenshots
 from tests.support.demo import running_demo
-from tests.support.repo import REPO_ROOT
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
-SCREENSHOTS = REPO_ROOT / "test-output" / "demo"
 
 
 @pytest.fixture
@@ -43,66 +37,46 @@ def demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield f"http://127.0.0.1:{port}", out
 
 
-def _playwright() -> Any:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the Python package `playwright` is required: pip install -e '.[test]'")
-    if shutil.which(CHROMIUM) is None:
-        pytest.fail(f"{CHROMIUM} is required: apt-get install -y chromium")
-    return sync_playwright
-
-
 def test_demo_tells_the_story(demo: tuple[str, Path]) -> None:
     base, out = demo
-    sync_playwright = _playwright()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for old in SCREENSHOTS.glob("*.png"):
-        old.unlink()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(15_000)
+    shots = screenshots("demo")
+    with chromium_page() as page:
+        # 1. Log in as alice at the dev IdP's chooser; the page shows token #1.
+        page.goto(base + "/")
+        page.click("button[value=alice]")
+        page.wait_for_url(base + "/")
+        assert page.text_content("#user") == "alice"
+        page.wait_for_function("document.getElementById('token-number').textContent == '#1'")
+        headers = page.eval_on_selector_all(
+            "#headers tr.added th", "r => r.map(e => e.textContent)"
+        )
+        assert "Authorization" in headers and "X-Forwarded-User" in headers, headers
+        shown = page.text_content("#headers")
+        assert "devidp_session" not in shown and "sidecar_demo" not in shown, shown
+        page.screenshot(path=shots / "1-logged-in-token-1.png")
 
-            # 1. Log in as alice at the dev IdP's chooser; the page shows token #1.
-            page.goto(base + "/")
-            page.click("button[value=alice]")
-            page.wait_for_url(base + "/")
-            assert page.text_content("#user") == "alice"
-            page.wait_for_function("document.getElementById('token-number').textContent == '#1'")
-            headers = page.eval_on_selector_all(
-                "#headers tr.added th", "r => r.map(e => e.textContent)"
-            )
-            assert "Authorization" in headers and "X-Forwarded-User" in headers, headers
-            shown = page.text_content("#headers")
-            assert "devidp_session" not in shown and "sidecar_demo" not in shown, shown
-            page.screenshot(path=SCREENSHOTS / "1-logged-in-token-1.png")
+        # 2. 50 requests at once when the token is due: one grant, no reuse, token #2.
+        page.click("#burst")
+        page.wait_for_function("window.burstResult !== undefined", timeout=45_000)
+        burst = page.evaluate("window.burstResult")
+        assert burst == {"answers": 50, "ok": 50, "tokens": 1, "grants": 1, "reuse": 0}, (
+            burst,
+            out.read_text(),
+        )
+        page.wait_for_function("document.getElementById('token-number').textContent == '#2'")
+        log = page.text_content("#log")
+        assert "token #2" in log and "refreshed" in log and "before #1 expired" in log, log
+        page.screenshot(path=shots / "2-after-50-requests.png")
 
-            # 2. 50 requests at once when the token is due: one grant, no reuse, token #2.
-            page.click("#burst")
-            page.wait_for_function("window.burstResult !== undefined", timeout=45_000)
-            burst = page.evaluate("window.burstResult")
-            assert burst == {"answers": 50, "ok": 50, "tokens": 1, "grants": 1, "reuse": 0}, (
-                burst,
-                out.read_text(),
-            )
-            page.wait_for_function("document.getElementById('token-number').textContent == '#2'")
-            log = page.text_content("#log")
-            assert "token #2" in log and "refreshed" in log and "before #1 expired" in log, log
-            page.screenshot(path=SCREENSHOTS / "2-after-50-requests.png")
+        # 3. Sign out: the signed-out landing page, no IdP chooser.
+        page.click("#signout")
+        page.wait_for_url(base + "/signed-out")
+        assert "Signed out" in page.text_content("h1")
+        page.screenshot(path=shots / "3-signed-out.png")
 
-            # 3. Sign out: the signed-out landing page, no IdP chooser.
-            page.click("#signout")
-            page.wait_for_url(base + "/signed-out")
-            assert "Signed out" in page.text_content("h1")
-            page.screenshot(path=SCREENSHOTS / "3-signed-out.png")
-
-            # 4. Bob on his way to /admin/: the sidecar's 403.
-            page.goto(base + "/admin/")
-            page.click("button[value=bob]")
-            page.wait_for_url(base + "/admin/")
-            assert "not allowed" in page.content(), page.content()
-            page.screenshot(path=SCREENSHOTS / "4-bob-403-on-admin.png")
-        finally:
-            browser.close()
+        # 4. Bob on his way to /admin/: the sidecar's 403.
+        page.goto(base + "/admin/")
+        page.click("button[value=bob]")
+        page.wait_for_url(base + "/admin/")
+        assert "not allowed" in page.content(), page.content()
+        page.screenshot(path=shots / "4-bob-403-on-admin.png")
