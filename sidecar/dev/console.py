@@ -33,7 +33,7 @@ class _Human(logging.Formatter):
         if event == "refresh":
             detail = f"{getattr(record, 'outcome', '')} ({getattr(record, 'duration_ms', '?')} ms)"
         elif event == "access denied":
-            detail = f"to {getattr(record, 'upstream', '')} (403)"
+            detail = f"at {getattr(record, 'scope', '')} (403)"
         elif record.levelno >= logging.WARNING:
             error = getattr(record, "error", "")
             detail = f"[{record.levelname.lower()}] {error}".strip()

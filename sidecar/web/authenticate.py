@@ -5,6 +5,7 @@ one (docs/architecture.md, "Failure policy"): a navigation goes to login, anythi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 from typing import Final
 
@@ -13,17 +14,20 @@ from yarl import URL
 
 from sidecar.session import Session
 from sidecar.web.keys import COOKIES, SESSIONS
-from sidecar.web.responses import is_navigation
+from sidecar.web.responses import error_response, is_navigation
 
 __all__ = [
     "START_PATH",
     "authenticate",
+    "forbidden",
     "login_url",
     "redirect",
     "safe_return_path",
     "unauthenticated",
     "unauthorized_json",
 ]
+
+log = logging.getLogger("sidecar.web.authenticate")
 
 START_PATH: Final = "/oauth2/start"
 _MAX_RETURN_PATH: Final = 2048
@@ -75,6 +79,16 @@ def unauthorized_json(url: str) -> web.Response:
         status=401,
         headers={"WWW-Authenticate": 'Bearer realm="auth-sidecar"', "Cache-Control": "no-store"},
     )
+
+
+def forbidden(request: web.Request, session: Session, scope: str) -> web.Response:
+    """403 for a session the access rules refuse at `scope` (an upstream prefix, or the
+    global rules for forward-auth), with one log line naming who was refused."""
+    log.info(
+        "access denied",
+        extra={"session": session.h[:12], "user": session.record.subject, "scope": scope},
+    )
+    return error_response(request, 403, "forbidden", "you are not allowed to see this")
 
 
 def redirect(location: str, status: int = 302) -> web.Response:

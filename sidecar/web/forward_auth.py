@@ -14,7 +14,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.errors import SessionEnded
-from sidecar.web.authenticate import START_PATH, authenticate, unauthorized_json
+from sidecar.web.authenticate import START_PATH, authenticate, forbidden, unauthorized_json
 from sidecar.web.keys import ADMISSION, FORWARDED, REFRESHER, ROUTE
 from sidecar.web.responses import error_response
 
@@ -40,7 +40,7 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
         return unauthorized_json(START_PATH)
     identity = request.app[ADMISSION].headers(session, "")
     if identity is None:
-        return error_response(request, 403, "forbidden", "you are not allowed to see this")
+        return forbidden(request, session, "forward-auth")
     response = web.Response(status=202, headers={"Cache-Control": "no-store"})
     for name, value in identity:
         response.headers[name] = value

@@ -7,19 +7,15 @@ forwarded (docs/architecture.md, "One request").
 
 from __future__ import annotations
 
-import logging
-
 from aiohttp import web
 
 from sidecar.forwarding.paths import PATH
 from sidecar.logging import REQUEST_ID
-from sidecar.web.authenticate import authenticate, unauthenticated
+from sidecar.web.authenticate import authenticate, forbidden, unauthenticated
 from sidecar.web.keys import ADMISSION, PUBLIC, REFRESHER, ROUTE, ROUTER
 from sidecar.web.responses import error_response
 
 __all__ = ["proxy"]
-
-log = logging.getLogger("sidecar.web.proxy")
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -44,14 +40,6 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     session = await request.app[REFRESHER].ensure_fresh(session)
     identity = request.app[ADMISSION].headers(session, upstream.prefix, upstream.config.access)
     if identity is None:
-        log.info(
-            "access denied",
-            extra={
-                "session": session.h[:12],
-                "user": session.record.subject,
-                "upstream": upstream.prefix,
-            },
-        )
-        return error_response(request, 403, "forbidden", "you are not allowed to see this")
+        return forbidden(request, session, upstream.prefix)
     extra.extend(identity)
     return await upstream.forward(request, extra)

@@ -60,13 +60,21 @@ async def test_forward_auth_without_session_is_401_never_a_redirect(
             assert "WWW-Authenticate" in r.headers
 
 
-async def test_forward_auth_applies_access_rules(start_sidecar: Any, upstream_app: Any) -> None:
-    """A user outside the allowed groups gets 403 from the forward-auth check."""
+async def test_forward_auth_applies_access_rules(
+    start_sidecar: Any, upstream_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user outside the allowed groups gets 403 from the forward-auth check, logged as an
+    access denial like the proxy's."""
     sc = await setup_behind_proxy(
         start_sidecar, upstream_app, access={"allowed_groups": ["admins"]}
     )
+    caplog.set_level("INFO", logger="sidecar")
     async with browser() as s:
         await login(s, sc, user="bob")
         async with s.get(sc.url("/oauth2/auth"), allow_redirects=False) as r:
             assert r.status == 403
             assert (await r.json())["error"] == "forbidden"
+    denied = [r for r in caplog.records if r.getMessage() == "access denied"]
+    assert [(getattr(r, "user", None), getattr(r, "scope", None)) for r in denied] == [
+        ("bob", "forward-auth")
+    ]
