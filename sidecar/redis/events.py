@@ -67,19 +67,14 @@ class RedisEvents:
 
     @asynccontextmanager
     async def waiting(self, h: str) -> AsyncIterator[asyncio.Event]:
-        event = asyncio.Event()
-        waiters = self._waiters.by_hash.setdefault(h, set())
-        first = not waiters
-        waiters.add(event)
+        event, first = self._waiters.join(h)
         if first:
             with contextlib.suppress(RedisError, OSError):
                 await self._subscribe(self._keys.events(h))
         try:
             yield event
         finally:
-            waiters.discard(event)
-            if not waiters and self._waiters.by_hash.get(h) is waiters:
-                del self._waiters.by_hash[h]
+            if self._waiters.leave(h, event):
                 with contextlib.suppress(RedisError, OSError):
                     await self._unsubscribe(self._keys.events(h))
 

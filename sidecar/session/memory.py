@@ -226,16 +226,11 @@ class MemoryEvents:
 
     @asynccontextmanager
     async def waiting(self, h: str) -> AsyncIterator[asyncio.Event]:
-        event = asyncio.Event()
-        self._waiters.by_hash.setdefault(h, set()).add(event)
+        event, _ = self._waiters.join(h)
         try:
             yield event
         finally:
-            waiters = self._waiters.by_hash.get(h)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters.by_hash[h]
+            self._waiters.leave(h, event)
 
     async def start(self) -> None:
         return None

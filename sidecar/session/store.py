@@ -125,10 +125,29 @@ class Waiters:
     """asyncio Events per session hash, set when a message for it arrives."""
 
     def __init__(self) -> None:
-        self.by_hash: dict[str, set[asyncio.Event]] = {}
+        self._by_hash: dict[str, set[asyncio.Event]] = {}
+
+    def join(self, h: str) -> tuple[asyncio.Event, bool]:
+        """A new waiter's event for `h`, and whether it is the first one waiting on `h`."""
+        event = asyncio.Event()
+        waiters = self._by_hash.setdefault(h, set())
+        first = not waiters
+        waiters.add(event)
+        return event, first
+
+    def leave(self, h: str, event: asyncio.Event) -> bool:
+        """Forget `event`; True when it was the last one waiting on `h`."""
+        waiters = self._by_hash.get(h)
+        if waiters is None:
+            return False
+        waiters.discard(event)
+        if waiters:
+            return False
+        del self._by_hash[h]
+        return True
 
     def wake(self, h: str) -> None:
-        for event in self.by_hash.get(h, ()):
+        for event in self._by_hash.get(h, ()):
             event.set()
 
 
