@@ -63,11 +63,9 @@ class _Seen:
             return None
         token_id = str(claims.get("jti") or token[-8:])
         tokens = self.by_user.setdefault(user, [])
-        if tokens and tokens[-1].token_id == token_id:
-            return tokens[-1]
-        for old in tokens:
+        for old in reversed(tokens):  # the current one, or one a slow request still carries
             if old.token_id == token_id:
-                return old  # an older token arriving late (a request that left before)
+                return old
         now = time.time()
         previous = tokens[-1] if tokens else None
         left = (

@@ -4,7 +4,7 @@ aiohttp's `ClientSession` builds a request object, timers, a trace context and a
 pass per call; measured behind the sidecar it cost more than everything else on the hot
 path together (bench/README.md). A proxy needs none of that: it sends a head it already
 has, streams a body, and hands the answer back. Parsing is llhttp's (Node's parser, via
-`httptools`); websockets still go through aiohttp's client (proxy.py).
+`httptools`); websockets still go through aiohttp's client (forwarding/upstream.py).
 
 What the pool promises:
 - one request at a time per connection, no pipelining; a connection is reused only after
