@@ -106,7 +106,7 @@ async def _report_status(readiness: Readiness, slot: int) -> None:
 
 def main_runner_options(config: Config) -> dict[str, Any]:
     """How the main listener handles connections; tests start their servers with these too."""
-    access = logging.getLogger("sidecar.access.rules")
+    access = logging.getLogger("sidecar.access")
     server = config.server
     return {
         "access_log_class": AccessLogger,

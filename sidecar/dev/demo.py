@@ -22,7 +22,7 @@ from sidecar.server import serve
 
 __all__ = ["DemoPortBusy", "demo_config", "run_demo"]
 
-log = logging.getLogger("sidecar.dev.demo")
+log = logging.getLogger("sidecar.demo")
 
 _HOST: Final = "127.0.0.1"  # loopback only, whatever else is configured
 ACCESS_TOKEN_TTL: Final = 30.0  # short, so refreshes can be watched on the page

@@ -37,7 +37,7 @@ from sidecar.metrics import Metrics
 
 __all__ = ["PathPrefixes", "Router", "Upstream", "path_matches"]
 
-log = logging.getLogger("sidecar.forwarding.upstream")
+log = logging.getLogger("sidecar.proxy")
 
 # Headers aiohttp's client would otherwise add by itself; the upstream must see the
 # client's request, not ours.

@@ -27,7 +27,7 @@ __all__ = [
     "unauthorized_json",
 ]
 
-log = logging.getLogger("sidecar.web.authenticate")
+log = logging.getLogger("sidecar.login")
 
 START_PATH: Final = "/oauth2/start"
 _MAX_RETURN_PATH: Final = 2048

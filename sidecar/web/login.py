@@ -27,7 +27,7 @@ from sidecar.web.responses import error_response, is_navigation
 
 __all__ = ["callback", "start"]
 
-log = logging.getLogger("sidecar.web.login")
+log = logging.getLogger("sidecar.login")
 
 # Ceilings on callback parameters: real codes and states are far below these.
 _MAX_STATE: Final = 512

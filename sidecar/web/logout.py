@@ -17,7 +17,7 @@ from sidecar.web.responses import error_response
 
 __all__ = ["sign_out"]
 
-log = logging.getLogger("sidecar.web.logout")
+log = logging.getLogger("sidecar.login")
 
 
 async def sign_out(request: web.Request) -> web.StreamResponse:

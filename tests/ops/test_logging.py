@@ -49,7 +49,7 @@ class LogLines:
         return [json.loads(line) for line in self.lines]
 
     def access(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r["logger"] == "sidecar.access.rules"]
+        return [r for r in self.records() if r["logger"] == "sidecar.access"]
 
     async def wait_access(self, count: int) -> list[dict[str, Any]]:
         """The access log is written after the response went out: wait for it."""

@@ -50,7 +50,7 @@ def test_workers_share_the_port_and_metrics_aggregate(
         m for m in metrics.decode().splitlines() if m.startswith("sidecar_http_requests_total{")
     )
     assert float(line.rsplit(" ", 1)[1]) == 40
-    lines = [line for line in proc.logs().splitlines() if '"sidecar.access.rules"' in line]
+    lines = [line for line in proc.logs().splitlines() if '"sidecar.access"' in line]
     pids = {json.loads(line).get("pid") for line in lines}
     assert len(pids) == 2, "both workers should have answered requests"
 
