@@ -11,7 +11,8 @@
     ├── IdPError               the identity provider failed us
     │   ├── IdPUnavailable        unreachable, timed out, 5xx, garbage       → 503
     │   ├── TokenRequestError     the token endpoint said no (wire `error` code)
-    │   └── InvalidIDToken        signature, issuer, audience, nonce … wrong
+    │   ├── InvalidIDToken        signature, issuer, audience, nonce … wrong
+    │   └── InvalidLogoutToken    a back-channel logout token failed §2.6   → 400
     ├── SessionEnded           refresh said invalid_grant; session deleted  → 302 / 401
     └── RefreshUnavailable     no valid token and no refresh possible now   → 503 + Retry-After
 
@@ -27,6 +28,7 @@ __all__ = [
     "IdPError",
     "IdPUnavailable",
     "InvalidIDToken",
+    "InvalidLogoutToken",
     "RefreshUnavailable",
     "RequestBodyTimeout",
     "SessionEnded",
@@ -144,6 +146,20 @@ class InvalidIDToken(IdPError):
     """An ID token failed validation (OIDC Core §3.1.3.7); the message says which check."""
 
     code = "invalid_id_token"
+
+
+class InvalidLogoutToken(IdPError):
+    """A back-channel logout token failed validation (OpenID Connect Back-Channel Logout 1.0
+    §2.6). `reason` is a short metrics label (signature, issuer, audience, iat, exp, events,
+    subject, nonce, jti, replay, typ, malformed); the message says what failed, without any
+    part of the token."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SessionEnded(SidecarError):

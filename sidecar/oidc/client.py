@@ -26,6 +26,7 @@ from sidecar.health import Readiness
 from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
 from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
 from sidecar.oidc.jwks import JWKSCache
+from sidecar.oidc.logout_token import LogoutClaims, UnknownLogoutKey, validate_logout_token
 
 __all__ = ["OIDCClient", "TokenResponse"]
 
@@ -184,6 +185,27 @@ class OIDCClient:
                 if attempt or not await self.jwks.refetch():
                     raise
         raise InvalidIDToken("unreachable")  # pragma: no cover
+
+    async def validate_logout_token(self, token: str) -> LogoutClaims:
+        """Validate a back-channel logout token (Back-Channel Logout 1.0 §2.6) against the
+        cached keys; on an unknown `kid`, refetch once and retry, as for ID tokens."""
+        for attempt in range(2):
+            keys = self.jwks.keys
+            if keys is None:
+                raise IdPUnavailable("IdP signing keys not loaded yet")
+            try:
+                return validate_logout_token(
+                    token,
+                    keys,
+                    issuer=self.metadata.issuer,
+                    client_id=self.config.client_id,
+                    now=self._clock(),
+                    algorithms=self.metadata.id_token_signing_alg_values_supported,
+                )
+            except UnknownLogoutKey:
+                if attempt or not await self.jwks.refetch():
+                    raise
+        raise UnknownLogoutKey("unreachable")  # pragma: no cover
 
     async def userinfo(self, access_token: str) -> dict[str, Any] | None:
         """Claims from the UserInfo endpoint (OIDC Core §5.3), or None if it has none or fails.
