@@ -3,6 +3,7 @@
 from sidecar.config.load import load_config, parse_config
 from sidecar.config.models import (
     AccessConfig,
+    AdminConfig,
     ClusterConfig,
     Config,
     InjectConfig,
@@ -22,6 +23,7 @@ from sidecar.config.types import Address, parse_duration
 __all__ = [
     "AccessConfig",
     "Address",
+    "AdminConfig",
     "ClusterConfig",
     "Config",
     "InjectConfig",

@@ -27,6 +27,7 @@ from sidecar.forwarding.paths import BadPath, CanonicalPath, canonical_path
 
 __all__ = [
     "AccessConfig",
+    "AdminConfig",
     "ClusterConfig",
     "Config",
     "InjectConfig",
@@ -170,6 +171,12 @@ class SessionConfig(_Section):
         "reach it within milliseconds through the store's change feed; 0 turns it off",
     )
     cache_max_entries: int = Field(10_000, ge=1, description="sessions kept per process")
+    max_per_user: int = Field(
+        0,
+        ge=0,
+        description="sessions one user (issuer and sub) may hold; above it a new login ends "
+        "the user's oldest session; 0: unlimited",
+    )
     encryption_keys: list[Annotated[SecretStr, AfterValidator(_encryption_key)]] = Field(
         min_length=1
     )
@@ -334,6 +341,22 @@ class InjectConfig(_Section):
         return value
 
 
+class AdminConfig(_Section):
+    tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description="bearer tokens of the admin API on the management listener, usually "
+        "${ADMIN_TOKEN} or ${file:/path}; none: the admin API is off (404)",
+    )
+
+    @field_validator("tokens")
+    @classmethod
+    def _strong_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for index, token in enumerate(value):
+            if len(token.get_secret_value()) < 16:
+                raise ValueError(f"tokens[{index}]: an admin token needs at least 16 characters")
+        return value
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -352,6 +375,7 @@ class Config(_Section):
     public_paths: list[PathPrefix] = Field(default_factory=list)
     access: AccessConfig = Field(default_factory=AccessConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:

@@ -69,6 +69,7 @@ _DESCRIPTIONS: Final = {
     "Config.public_paths": "path prefixes forwarded without a session or identity",
     "Config.access": "who may pass at all",
     "Config.logging": "logs",
+    "Config.admin": "the admin API on the management listener (sessions by user, ending them)",
 }
 
 

@@ -65,7 +65,8 @@ async def follow_changes(
                         proven = True
                         changed(None)
                 elif not data.startswith(_MARK):
-                    changed(data.decode())
+                    for h in data.split(b" "):  # many at once when sessions end in bulk
+                        changed(h.decode())
     except (RedisError, OSError) as exc:
         raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
     finally:

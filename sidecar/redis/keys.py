@@ -32,6 +32,11 @@ class Keys:
         """The sealed record, a string `<version>:<sealed>`."""
         return f"{self.prefix}:s:{{{h}}}"
 
+    def meta(self, h: str) -> str:
+        """What operators may see of the session (issuer, sub, sid, times), sealed under a key
+        of the master keys alone; written, expired and deleted with the record."""
+        return f"{self.prefix}:m:{{{h}}}"
+
     def attempt(self, h: str) -> str:
         """When a refresh grant was sent; exists only around a refresh."""
         return f"{self.prefix}:a:{{{h}}}"
@@ -60,10 +65,13 @@ class Keys:
         """A browser's pending logins (sorted set), under the hash of its binding."""
         return f"{self.prefix}:logins:{{{browser}}}"
 
-    def user(self, user_key: str) -> str:
-        """A user's sessions (sorted set by expiry), under the hash of iss+sub."""
-        return f"{self.prefix}:sub:{user_key}"
+    def index(self, ref: str) -> str:
+        """A sorted set of session hashes scored by expiry: `sub:<hash of iss+sub>` (a user's
+        sessions) or `sid:<hash of iss+sid>` (an IdP session's)."""
+        if not ref.startswith(("sub:", "sid:")):
+            raise ValueError(f"not an index: {ref!r}")
+        return f"{self.prefix}:{ref}"
 
-    def idp_session(self, sid_key: str) -> str:
-        """An IdP session's sessions (sorted set by expiry), under the hash of iss+sid."""
-        return f"{self.prefix}:sid:{sid_key}"
+    def logout_token(self, jti_key: str) -> str:
+        """A back-channel logout token's `jti` seen, under its hash: accepted once only."""
+        return f"{self.prefix}:jti:{jti_key}"

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import suppress
 from typing import Final
 
@@ -23,6 +24,8 @@ from sidecar.session.store import Backend
 
 __all__ = ["RedisSessionStore"]
 
+_BULK: Final = 500  # sessions per pipelined round trip when ending or looking up many
+
 # Records are plain strings `<version>:<sealed bytes>`: a hash would cost a few hundred bytes
 # more per session (its own table), which matters at 100k sessions (issue 7). The attempt
 # mark lives in its own key (`Keys.attempt`, same slot), which exists only around a refresh.
@@ -30,6 +33,7 @@ __all__ = ["RedisSessionStore"]
 _CREATE: Final = """
 redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
 return 1
 """
 # Fenced compare-and-set: write only if the record still exists at the version read, so a
@@ -39,6 +43,7 @@ _REPLACE: Final = """
 local current = redis.call('GET', KEYS[1])
 if (not current) or string.match(current, '^(%d+):') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
@@ -46,9 +51,14 @@ return 1
 # Delete and announce in one step, so no replica keeps serving the session from its cache.
 _DELETE: Final = """
 local n = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return n
+"""
+# Idle timeout: the record and its metadata live on together.
+_TOUCH: Final = """
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
 """
 # Add a session to an index, trim the expired ones, and keep the key as long as its longest
 # member (Redis 6.2 has no EXPIRE GT).
@@ -95,6 +105,7 @@ class RedisSessionStore:
         self._replace = client.register_script(_REPLACE)
         self._mark_attempt = client.register_script(_MARK_ATTEMPT)
         self._delete = client.register_script(_DELETE)
+        self._touch = client.register_script(_TOUCH)
         # Change feed: classic pub/sub, which reaches every node of a Cluster too.
         self._changes = self._k.changes
         self._index = client.register_script(_INDEX)
@@ -122,8 +133,8 @@ class RedisSessionStore:
         )
 
     def _keys(self, h: str) -> list[str]:
-        """The record and its attempt mark: one slot."""
-        return [self._k.record(h), self._k.attempt(h)]
+        """The record, its attempt mark and its metadata: one slot."""
+        return [self._k.record(h), self._k.attempt(h), self._k.meta(h)]
 
     async def get(self, h: str) -> tuple[int, bytes] | None:
         async with translated_errors():
@@ -140,23 +151,31 @@ class RedisSessionStore:
             raise StoreUnavailable("redis: a session record that is not <version>:<sealed>")
         return int(version), sealed
 
-    async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
+    async def create(self, h: str, version: int, sealed: bytes, ttl: float, meta: bytes) -> None:
         async with translated_errors():
-            await self._create(keys=self._keys(h), args=[version, sealed, milliseconds(ttl)])
+            await self._create(keys=self._keys(h), args=[version, sealed, milliseconds(ttl), meta])
 
     async def replace(
-        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
+        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float, meta: bytes
     ) -> bool:
         async with translated_errors():
             done = await self._replace(
                 keys=self._keys(h),
-                args=[expected_version, version, sealed, milliseconds(ttl), self._changes, h],
+                args=[
+                    expected_version,
+                    version,
+                    sealed,
+                    milliseconds(ttl),
+                    self._changes,
+                    h,
+                    meta,
+                ],
             )
         return bool(done)
 
     async def touch(self, h: str, ttl: float) -> None:
         async with translated_errors():
-            await self._redis.pexpire(self._k.record(h), milliseconds(ttl))
+            await self._touch(keys=self._keys(h), args=[milliseconds(ttl)])
 
     async def mark_attempt(self, h: str, at: float) -> None:
         async with translated_errors():
@@ -183,30 +202,72 @@ class RedisSessionStore:
     async def watch(self, changed: Callable[[str | None], None]) -> None:
         await follow_changes(self._redis, self._changes, changed)
 
-    async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
+    async def end(self, hashes: Sequence[str]) -> int:
+        # One pipelined DEL per session (its keys share a slot), then one announcement per
+        # chunk: two round trips per _BULK sessions, on any topology (docs/sessions.md).
+        ended = 0
+        async with translated_errors():
+            for start in range(0, len(hashes), _BULK):
+                chunk = hashes[start : start + _BULK]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for h in chunk:
+                        pipe.delete(self._k.record(h))
+                        pipe.delete(self._k.attempt(h), self._k.meta(h))
+                    replies = await pipe.execute()
+                ended += sum(1 for n in replies[::2] if n)
+                await self._redis.publish(self._changes, " ".join(chunk))
+        return ended
+
+    async def lookup(self, hashes: Sequence[str]) -> dict[str, bytes | None]:
+        found: dict[str, bytes | None] = {}
+        async with translated_errors():
+            for start in range(0, len(hashes), _BULK):
+                chunk = hashes[start : start + _BULK]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for h in chunk:
+                        pipe.exists(self._k.record(h))
+                        pipe.get(self._k.meta(h))
+                    replies = await pipe.execute()
+                for h, exists, meta in zip(chunk, replies[::2], replies[1::2], strict=True):
+                    if exists:
+                        found[h] = as_bytes(meta) if meta is not None else None
+        return found
+
+    async def index(self, h: str, refs: Sequence[str], expires_at: float) -> None:
         # Index keys live in other Cluster slots than the record: one call each (keys.py).
         async with translated_errors():
-            for key in self._index_keys(user_key, sid_key):
-                await self._index(keys=[key], args=[h, repr(expires_at), repr(time.time())])
+            for ref in refs:
+                await self._index(
+                    keys=[self._k.index(ref)], args=[h, repr(expires_at), repr(time.time())]
+                )
 
-    async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
+    async def unindex(self, removals: Mapping[str, Collection[str]]) -> None:
         # One command per key: index keys may live on different Cluster nodes.
         async with translated_errors():
-            for key in self._index_keys(user_key, sid_key):
-                await self._redis.zrem(key, h)
+            for ref, hashes in removals.items():
+                if hashes:
+                    await self._redis.zrem(self._k.index(ref), *hashes)
 
-    async def sessions_of_sid(self, sid_key: str) -> list[str]:
+    async def indexed(self, ref: str) -> dict[str, bytes | None]:
+        key = self._k.index(ref)
+        now = time.time()
         async with translated_errors():
-            members = await self._redis.zrangebyscore(
-                self._k.idp_session(sid_key), time.time(), "+inf"
-            )
-        return [as_bytes(m).decode() for m in members]
+            members = await self._redis.zrangebyscore(key, now, "+inf")
+            hashes = [as_bytes(m).decode() for m in members]
+            live = await self.lookup(hashes)
+            # Trimmed when read: sessions that ended on their own (expiry, idle timeout).
+            dead = [h for h in hashes if h not in live]
+            if dead:
+                await self._redis.zrem(key, *dead)
+            await self._redis.zremrangebyscore(key, "-inf", now)
+        return live
 
-    def _index_keys(self, user_key: str, sid_key: str | None) -> list[str]:
-        keys = [self._k.user(user_key)]
-        if sid_key:
-            keys.append(self._k.idp_session(sid_key))
-        return keys
+    async def remember(self, key: str, until: float) -> bool:
+        async with translated_errors():
+            done = await self._redis.set(
+                self._k.logout_token(key), b"1", nx=True, exat=max(1, math.ceil(until))
+            )
+        return bool(done)
 
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         ttl_ms = milliseconds(ttl)

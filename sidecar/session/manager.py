@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Final
 
@@ -23,9 +24,18 @@ from sidecar.errors import StoreUnavailable
 from sidecar.session.cache import SessionCache
 from sidecar.session.crypto import Keyring, SealError
 from sidecar.session.record import Session, SessionRecord, new_session_id, session_hash
-from sidecar.session.store import SessionStore
+from sidecar.session.store import SessionStore, Waiters
 
-__all__ = ["LOGIN_TTL", "PendingLogin", "Session", "SessionManager", "subject_key"]
+__all__ = [
+    "LOGIN_TTL",
+    "PendingLogin",
+    "Session",
+    "SessionInfo",
+    "SessionManager",
+    "idp_session_ref",
+    "subject_key",
+    "user_ref",
+]
 
 log = logging.getLogger("sidecar.session")
 
@@ -33,12 +43,50 @@ LOGIN_TTL: Final = 600.0  # a pending login lives 10 minutes (docs/sessions.md)
 _SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{43}")
 _TOUCH_MEMORY: Final = 100_000  # sessions whose last idle-timeout touch time is remembered
 _FEED_RETRY: Final = 0.5  # seconds before following the change feed again after it failed
+# The metadata key is derived from the master keys alone (the admin view must open it without
+# the session id); it holds identities and times, never a token (docs/sessions.md).
+_META: Final = b"session metadata"
 
 
 def subject_key(issuer: str, value: str) -> str:
     """Index key part for an (issuer, sub) or (issuer, sid) pair; never the raw values."""
     digest = hashlib.sha256(f"{issuer}\x00{value}".encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def user_ref(issuer: str, subject: str) -> str:
+    """The index of a user's sessions."""
+    return "sub:" + subject_key(issuer, subject)
+
+
+def idp_session_ref(issuer: str, sid: str) -> str:
+    """The index of one IdP session's sessions (OpenID Connect `sid`)."""
+    return "sid:" + subject_key(issuer, sid)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What an operator may see of a session: never a token, a cookie or the session id.
+
+    `id` is the session hash. A record stored before metadata was kept shows only its id.
+    """
+
+    id: str
+    iss: str | None = None
+    sub: str | None = None
+    sid: str | None = None
+    created_at: float | None = None
+    last_refresh_at: float | None = None
+    expires_at: float | None = None
+
+    def refs(self) -> list[str]:
+        """The indexes that list this session."""
+        if self.iss is None or self.sub is None:
+            return []
+        refs = [user_ref(self.iss, self.sub)]
+        if self.sid:
+            refs.append(idp_session_ref(self.iss, self.sid))
+        return refs
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +121,8 @@ class SessionManager:
         self._on_caching = on_caching
         # Reads under way for `current`, by session id, with the change count they began at.
         self._reading: dict[str, tuple[asyncio.Task[Session | None], int]] = {}
+        self._ending = Waiters()  # who watches which session's end (`ending`)
+        self._checks: set[asyncio.Task[None]] = set()
 
     async def current(self, session_id: str | None) -> Session | None:
         """`load` for a request: a session this process opened moments ago is reused as is."""
@@ -121,12 +171,11 @@ class SessionManager:
         return self._cache.enabled
 
     async def follow_changes(self) -> None:
-        """Keep the cache honest: it is on only while the store's change feed is followed.
+        """Follow the store's change feed: it keeps the cache honest (the cache is on only
+        while the feed is proven) and tells watchers of `ending` that a session ended.
 
         Runs until cancelled; a feed failure turns the cache off until the feed is back.
         """
-        if self._config.cache_ttl <= 0:
-            return
         try:
             while True:
                 try:
@@ -149,15 +198,35 @@ class SessionManager:
         finally:
             self._cache.switch_off()
             self._on_caching(False)
+            for check in self._checks:
+                check.cancel()
 
     def _changed(self, h: str | None) -> None:
         """From the feed: `h` changed or went; None: (re)subscribed, anything may have changed."""
         if h is None:
             self._cache.clear()
-            self._cache.enabled = True
-            self._on_caching(True)
+            if self._config.cache_ttl > 0:
+                self._cache.enabled = True
+                self._on_caching(True)
+            watched = self._ending.watched()
         else:
             self._cache.invalidate(h)
+            watched = [h] if self._ending.watching(h) else []
+        if watched:
+            check = asyncio.get_running_loop().create_task(self._check_ended(watched))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _check_ended(self, hashes: list[str]) -> None:
+        """Wake the watchers of those sessions that no longer exist (a change may also be a
+        refresh); a store failure leaves them to the next change or resubscription."""
+        try:
+            live = await self.store.lookup(hashes)
+        except StoreUnavailable:
+            return
+        for h in hashes:
+            if h not in live:
+                self._ending.wake(h)
 
     async def load(self, session_id: str | None) -> Session | None:
         """The session named by a cookie value as the store has it now, or None if unusable."""
@@ -188,7 +257,12 @@ class SessionManager:
         if stale_key:
             # Key rotation: reseal under the current key, same version, fenced.
             await self.store.replace(
-                h, version, version, self._seal(session_id, h, record), self.ttl(record)
+                h,
+                version,
+                version,
+                self._seal(session_id, h, record),
+                self.ttl(record),
+                self._seal_meta(h, record),
             )
         elif self._config.idle_timeout:
             await self._touch(h, record)
@@ -209,10 +283,28 @@ class SessionManager:
         session_id = new_session_id()
         h = session_hash(session_id)
         await self.store.create(
-            h, record.version, self._seal(session_id, h, record), self.ttl(record)
+            h,
+            record.version,
+            self._seal(session_id, h, record),
+            self.ttl(record),
+            self._seal_meta(h, record),
         )
         await self._index(h, record)
         return Session(session_id, h, record)
+
+    async def over_cap(self, session: Session) -> list[SessionInfo]:
+        """The user's oldest other sessions beyond `session.max_per_user` (none if 0)."""
+        cap = self._config.max_per_user
+        if not cap:
+            return []
+        record = session.record
+        others = [
+            info
+            for info in await self.sessions_of_user(record.issuer, record.subject)
+            if info.id != session.h
+        ]
+        others.sort(key=lambda info: info.created_at or 0.0)
+        return others[: max(0, len(others) + 1 - cap)]
 
     async def save(self, session: Session, record: SessionRecord) -> bool:
         """Fenced write of a new version; False if the session changed or vanished meanwhile."""
@@ -224,6 +316,7 @@ class SessionManager:
             record.version,
             self._seal(session.id, session.h, record),
             self.ttl(record),
+            self._seal_meta(session.h, record),
         )
         if saved:
             self._cache.put(session.with_record(record), seen)
@@ -233,11 +326,57 @@ class SessionManager:
         """Remove the session and its index entries."""
         self._cache.forget(session.h)
         await self.store.delete(session.h)
-        record = session.record
+        self._ending.wake(session.h)
+        await self._unindex({ref: [session.h] for ref in _refs(session.record)})
+
+    async def end(self, sessions: Sequence[SessionInfo], listed_under: str | None = None) -> int:
+        """End many sessions at once (central logout, admin, cap): records deleted and
+        announced to every replica, index entries removed; how many still existed.
+
+        `listed_under`: the index they were found in, cleaned even for sessions without
+        metadata.
+        """
+        if not sessions:
+            return 0
+        hashes = [info.id for info in sessions]
+        for h in hashes:
+            self._cache.forget(h)
+        ended = await self.store.end(hashes)
+        for h in hashes:
+            self._ending.wake(h)
+        removals: dict[str, list[str]] = {}
+        for info in sessions:
+            for ref in {*info.refs(), *([listed_under] if listed_under else [])}:
+                removals.setdefault(ref, []).append(info.id)
+        await self._unindex(removals)
+        return ended
+
+    async def sessions_of_user(self, issuer: str, subject: str) -> list[SessionInfo]:
+        """The live sessions of one user at one issuer."""
+        return self._describe(await self.store.indexed(user_ref(issuer, subject)))
+
+    async def sessions_of_idp_session(self, issuer: str, sid: str) -> list[SessionInfo]:
+        """The live sessions that one IdP session (its `sid`) logged in."""
+        return self._describe(await self.store.indexed(idp_session_ref(issuer, sid)))
+
+    async def describe(self, hashes: Sequence[str]) -> list[SessionInfo]:
+        """The live sessions among `hashes` (admin: one session by its id)."""
+        return self._describe(await self.store.lookup(hashes))
+
+    async def remember_logout_token(self, issuer: str, jti: str, until: float) -> bool:
+        """False if a logout token with this `jti` was accepted before (Back-Channel Logout
+        1.0 §2.6 step 10)."""
+        return await self.store.remember(subject_key(issuer, jti), until)
+
+    @contextlib.contextmanager
+    def ending(self, h: str) -> Iterator[asyncio.Event]:
+        """An event set when session `h` ends, by this process or any other (through the
+        change feed): long-lived uses such as a proxied websocket watch it."""
+        event, _ = self._ending.join(h)
         try:
-            await self.store.unindex(session.h, *self._index_keys(record))
-        except Exception:  # index keys are best-effort (docs/sessions.md)
-            log.warning("session index cleanup failed", extra={"session": session.h[:12]})
+            yield event
+        finally:
+            self._ending.leave(h, event)
 
     async def mark_grant_sent(self, session: Session, at: float) -> None:
         """Note that a refresh grant for `session` is leaving at `at`; the next fenced write
@@ -258,17 +397,42 @@ class SessionManager:
 
     async def _index(self, h: str, record: SessionRecord) -> None:
         try:
-            await self.store.index(h, *self._index_keys(record), record.expires_at)
+            await self.store.index(h, _refs(record), record.expires_at)
         except Exception:  # best-effort, never a condition for the session itself
             log.warning("session index update failed", extra={"session": h[:12]})
 
-    @staticmethod
-    def _index_keys(record: SessionRecord) -> tuple[str, str | None]:
-        sid = record.idp_session_id
-        return (
-            subject_key(record.issuer, record.subject),
-            subject_key(record.issuer, sid) if sid else None,
-        )
+    async def _unindex(self, removals: dict[str, list[str]]) -> None:
+        try:
+            await self.store.unindex(removals)
+        except Exception:  # index keys are best-effort (docs/sessions.md)
+            log.warning("session index cleanup failed", extra={"sessions": len(removals)})
+
+    def _seal_meta(self, h: str, record: SessionRecord) -> bytes:
+        meta = {
+            "iss": record.issuer,
+            "sub": record.subject,
+            "sid": record.idp_session_id,
+            "created_at": record.created_at,
+            "last_refresh_at": record.refreshed_at,
+            "expires_at": record.expires_at,
+        }
+        return self._keyring.seal(_META, h.encode(), json.dumps(meta).encode())
+
+    def _describe(self, found: dict[str, bytes | None]) -> list[SessionInfo]:
+        infos = []
+        for h, sealed in found.items():
+            info = SessionInfo(h)
+            if sealed is not None:
+                try:
+                    meta = json.loads(self._keyring.open(_META, h.encode(), sealed)[0])
+                    info = SessionInfo(
+                        h,
+                        **{k: meta.get(k) for k in SessionInfo.__dataclass_fields__ if k != "id"},
+                    )
+                except (SealError, ValueError, TypeError, AttributeError):
+                    log.warning("session metadata does not open", extra={"session": h[:12]})
+            infos.append(info)
+        return infos
 
     def _seal(self, session_id: str, h: str, record: SessionRecord) -> bytes:
         return self._keyring.seal(session_id.encode(), h.encode(), record.to_bytes())
@@ -304,3 +468,10 @@ class SessionManager:
         if login.created_at + LOGIN_TTL <= self._clock():
             return None
         return login
+
+
+def _refs(record: SessionRecord) -> list[str]:
+    refs = [user_ref(record.issuer, record.subject)]
+    if record.idp_session_id:
+        refs.append(idp_session_ref(record.issuer, record.idp_session_id))
+    return refs

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -38,6 +38,8 @@ class MemorySessionStore:
         self._browsers: dict[str, dict[str, None]] = {}
         self._max_logins = max_logins
         self._indexes: dict[str, dict[str, float]] = {}
+        self._meta: dict[str, bytes] = {}
+        self._remembered: dict[str, float] = {}
         self._attempts: dict[str, float] = {}
         self._watchers: list[Callable[[str | None], None]] = []
         log.warning(
@@ -52,20 +54,23 @@ class MemorySessionStore:
         version, sealed, deadline = entry
         if deadline <= self._clock():
             del self._records[h]
+            self._meta.pop(h, None)
             return None
         return version, sealed
 
-    async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
+    async def create(self, h: str, version: int, sealed: bytes, ttl: float, meta: bytes) -> None:
         self._records[h] = (version, sealed, self._clock() + ttl)
+        self._meta[h] = meta
         self._attempts.pop(h, None)
 
     async def replace(
-        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
+        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float, meta: bytes
     ) -> bool:
         current = await self.get(h)
         if current is None or current[0] != expected_version:
             return False
         self._records[h] = (version, sealed, self._clock() + ttl)
+        self._meta[h] = meta
         self._attempts.pop(h, None)
         self._announce(h)
         return True
@@ -84,8 +89,19 @@ class MemorySessionStore:
 
     async def delete(self, h: str) -> bool:
         self._attempts.pop(h, None)
+        self._meta.pop(h, None)
+        existed = self._records.pop(h, None) is not None
         self._announce(h)
-        return self._records.pop(h, None) is not None
+        return existed
+
+    async def end(self, hashes: Sequence[str]) -> int:
+        ended = 0
+        for h in hashes:
+            ended += await self.delete(h)
+        return ended
+
+    async def lookup(self, hashes: Sequence[str]) -> dict[str, bytes | None]:
+        return {h: self._meta.get(h) for h in hashes if await self.get(h) is not None}
 
     async def watch(self, changed: Callable[[str | None], None]) -> None:
         self._watchers.append(changed)
@@ -99,21 +115,39 @@ class MemorySessionStore:
         for changed in self._watchers:
             changed(h)
 
-    async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
+    async def index(self, h: str, refs: Sequence[str], expires_at: float) -> None:
         now = self._clock()
-        for key in _index_keys(user_key, sid_key):
-            members = self._indexes.setdefault(key, {})
+        for ref in refs:
+            members = self._indexes.setdefault(ref, {})
             members[h] = expires_at
             for member in [m for m, until in members.items() if until <= now]:
                 del members[member]
 
-    async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
-        for key in _index_keys(user_key, sid_key):
-            self._indexes.get(key, {}).pop(h, None)
+    async def unindex(self, removals: Mapping[str, Collection[str]]) -> None:
+        for ref, hashes in removals.items():
+            members = self._indexes.get(ref, {})
+            for h in hashes:
+                members.pop(h, None)
+            if not members:
+                self._indexes.pop(ref, None)
 
-    async def sessions_of_sid(self, sid_key: str) -> list[str]:
+    async def indexed(self, ref: str) -> dict[str, bytes | None]:
+        members = self._indexes.get(ref, {})
+        live = await self.lookup([h for h, until in members.items() if until > self._clock()])
+        for h in [h for h in members if h not in live]:
+            del members[h]
+        if not members:
+            self._indexes.pop(ref, None)
+        return live
+
+    async def remember(self, key: str, until: float) -> bool:
         now = self._clock()
-        return [h for h, until in self._indexes.get(f"sid:{sid_key}", {}).items() if until > now]
+        for seen in [k for k, t in self._remembered.items() if t <= now]:
+            del self._remembered[seen]
+        if key in self._remembered:
+            return False
+        self._remembered[key] = until
+        return True
 
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         now = self._clock()
@@ -237,7 +271,3 @@ class MemoryEvents:
 
     async def close(self) -> None:
         return None
-
-
-def _index_keys(user_key: str, sid_key: str | None) -> list[str]:
-    return [f"sub:{user_key}"] + ([f"sid:{sid_key}"] if sid_key else [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -37,14 +37,14 @@ class SessionStore(Protocol):
     async def get(self, h: str) -> tuple[int, bytes] | None:
         """The record's version and sealed bytes, or None when absent or expired."""
 
-    async def create(self, h: str, version: int, sealed: bytes, ttl: float) -> None:
-        """Store a new record for `ttl` seconds."""
+    async def create(self, h: str, version: int, sealed: bytes, ttl: float, meta: bytes) -> None:
+        """Store a new record for `ttl` seconds, with its sealed metadata (the admin view)."""
 
     async def replace(
-        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float
+        self, h: str, expected_version: int, version: int, sealed: bytes, ttl: float, meta: bytes
     ) -> bool:
-        """Fenced write: only if the record still exists at `expected_version`
-        (docs/refresh.md, "How", step 6)."""
+        """Fenced write of record and metadata: only if the record still exists at
+        `expected_version` (docs/refresh.md, "How", step 6)."""
 
     async def mark_attempt(self, h: str, at: float) -> None:
         """Note that a refresh grant for `h` is about to be sent; a fenced write clears it."""
@@ -65,14 +65,25 @@ class SessionStore(Protocol):
         Raises `StoreUnavailable` when the feed breaks.
         """
 
-    async def index(self, h: str, user_key: str, sid_key: str | None, expires_at: float) -> None:
-        """Best-effort: list `h` under its user and IdP session for logout by `sub` or `sid`."""
+    async def end(self, hashes: Sequence[str]) -> int:
+        """Delete many records and announce each on the change feed; how many existed."""
 
-    async def unindex(self, h: str, user_key: str, sid_key: str | None) -> None:
-        """Best-effort removal from the indexes."""
+    async def lookup(self, hashes: Sequence[str]) -> dict[str, bytes | None]:
+        """The live ones among `hashes`, each with its sealed metadata (None for a record
+        stored before metadata was kept)."""
 
-    async def sessions_of_sid(self, sid_key: str) -> list[str]:
-        """Hashes of the sessions of one IdP session (back-channel logout)."""
+    async def index(self, h: str, refs: Sequence[str], expires_at: float) -> None:
+        """Best-effort: list `h` under its user and IdP session (`sub:…`, `sid:…`)."""
+
+    async def unindex(self, removals: Mapping[str, Collection[str]]) -> None:
+        """Best-effort removal: index ref → the hashes to take out of it."""
+
+    async def indexed(self, ref: str) -> dict[str, bytes | None]:
+        """The live sessions an index lists, as `lookup` gives them; dead entries (ended or
+        expired sessions) are trimmed on the way, so none is ever returned."""
+
+    async def remember(self, key: str, until: float) -> bool:
+        """Note `key` (a logout token's jti hash) until `until`; False if already noted."""
 
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         """Store a pending login under the hash of its `state`, listed under `browser`.
@@ -149,6 +160,12 @@ class Waiters:
     def wake(self, h: str) -> None:
         for event in self._by_hash.get(h, ()):
             event.set()
+
+    def watching(self, h: str) -> bool:
+        return h in self._by_hash
+
+    def watched(self) -> list[str]:
+        return list(self._by_hash)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,8 +79,9 @@ async def test_the_redis_backend_writes_under_the_keys_keys_py_names(redis_prefi
     keys = Keys(redis_prefix)
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        await backend.store.create("h1", 1, b"sealed", 30)
+        await backend.store.create("h1", 1, b"sealed", 30, b"meta")
         assert await client.get(keys.record("h1")) == b"1:sealed"
+        assert await client.get(keys.meta("h1")) == b"meta"
 
         owner = await backend.locks.acquire("h1", 5)
         assert owner is not None
@@ -104,13 +105,14 @@ def test_every_key_of_a_session_is_in_its_slot() -> None:
     whatever the prefix; the change feed and the indexes are named apart."""
     for prefix, h in (("sidecar", "abc"), ("test-1", "Zm9vYmFy-_")):
         keys = Keys(prefix)
-        names = [keys.record(h), keys.attempt(h), keys.lock(h), keys.events(h)]
-        assert len(set(names)) == 4
+        names = [keys.record(h), keys.attempt(h), keys.meta(h), keys.lock(h), keys.events(h)]
+        assert len(set(names)) == 5
         assert {key_slot(name.encode()) for name in names} == {key_slot(h.encode())}
         assert keys.session_of_events(keys.events(h).encode()) == h
         assert keys.session_of_events(keys.lock(h).encode()) is None
         assert keys.session_of_events(Keys("other").events(h).encode()) is None
-        others = [keys.changes, keys.login(h), keys.logins("b"), keys.user(h), keys.idp_session(h)]
+        others = [keys.changes, keys.login(h), keys.logins("b"), keys.index(f"sub:{h}")]
+        others += [keys.index(f"sid:{h}"), keys.logout_token(h)]
         assert len(set(others + names)) == len(others) + len(names)
 
 

@@ -210,14 +210,14 @@ async def test_redis_index_lists_session_and_expires_with_it(redis_prefix: str) 
     store = RedisSessionStore.from_url(REDIS_URL, redis_prefix)
     sessions = SessionManager(store, Keyring.from_base64([KEY_A]), session_config())
     created = await sessions.create(record(expires_at=time.time() + 300))
-    from sidecar.session.manager import subject_key
+    from sidecar.session.manager import idp_session_ref
 
-    sid_key = subject_key("https://idp.example", "sid-1")
-    assert await store.sessions_of_sid(sid_key) == [created.h]
+    ref = idp_session_ref("https://idp.example", "sid-1")
+    assert list(await store.indexed(ref)) == [created.h]
     client = redis.Redis.from_url(REDIS_URL)
-    ttl = await client.ttl(f"{redis_prefix}:sid:{sid_key}")
+    ttl = await client.ttl(f"{redis_prefix}:{ref}")
     await sessions.delete(created)
-    assert await store.sessions_of_sid(sid_key) == []
+    assert await store.indexed(ref) == {}
     await client.aclose()
     await store.close()
     assert 290 < ttl <= 302
