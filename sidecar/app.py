@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from sidecar.access.admission import Admission
 from sidecar.backend import Backend, open_backend
@@ -27,7 +28,8 @@ from sidecar.refresh import Refresher, RefreshTiming
 from sidecar.session import Keyring, SessionManager
 from sidecar.session.cookie import Cookies
 from sidecar.session.store import SessionStore
-from sidecar.web import login, logout, userinfo
+from sidecar.web import idp_logout, login, logout, userinfo
+from sidecar.web.admin import add_admin_routes
 from sidecar.web.forward_auth import forward_auth
 from sidecar.web.keys import (
     ADMISSION,
@@ -48,7 +50,7 @@ from sidecar.web.proxy import proxy
 from sidecar.web.ratelimit import ClientRateLimiter
 from sidecar.web.routing import Dispatcher
 
-__all__ = ["build_apps"]
+__all__ = ["build_apps", "open_sessions"]
 
 log = logging.getLogger("sidecar")
 
@@ -86,7 +88,6 @@ def build_apps(
         for u in config.upstreams
     )
     backend = open_backend(config, store)
-    keyring = Keyring.from_base64([k.get_secret_value() for k in config.session.encryption_keys])
     oidc = OIDCClient(
         config.oidc,
         redirect_uri=config.server.public_url + "/oauth2/callback",
@@ -97,12 +98,14 @@ def build_apps(
     )
 
     # The only router: every request, routed on its canonical path (sidecar/web/routing.py).
-    endpoints = {
+    endpoints: dict[str, dict[str, Handler]] = {
         "/oauth2/start": {"GET": login.start},
         "/oauth2/callback": {"GET": login.callback},
         "/oauth2/sign_out": {"GET": logout.sign_out, "POST": logout.sign_out},
         "/oauth2/userinfo": {"GET": userinfo.userinfo},
         "/oauth2/auth": {"*": forward_auth},  # front proxies may send the original method
+        "/oauth2/backchannel-logout": {"POST": idp_logout.backchannel_logout},
+        "/oauth2/frontchannel-logout": {"GET": idp_logout.frontchannel_logout},
     }
     main = web.Application(middlewares=[observe, map_errors, Dispatcher(endpoints, proxy)])
     main[CONFIG] = config
@@ -111,9 +114,7 @@ def build_apps(
     main[ROUTER] = router
     main[FORWARDED] = policy
     main[OIDC] = oidc
-    sessions = SessionManager(
-        backend.store, keyring, config.session, on_caching=metrics.session_cache_live.set
-    )
+    sessions = open_sessions(config, backend.store, on_caching=metrics.session_cache_live.set)
     main[SESSIONS] = sessions
     main[_BACKEND] = backend
     main[REFRESHER] = Refresher(
@@ -143,7 +144,20 @@ def build_apps(
     management.router.add_get("/healthz", healthz)
     management.router.add_get("/readyz", readyz)
     management.router.add_get("/metrics", metrics_endpoint)
+    add_admin_routes(management, config.admin.tokens, sessions, config.oidc.issuer)
     return main, management
+
+
+def open_sessions(
+    config: Config,
+    store: SessionStore,
+    *,
+    on_caching: Callable[[bool], None] = lambda _: None,
+) -> SessionManager:
+    """The session manager over `store` with the configured keys: the main application's, and
+    the one the supervisor's admin API and the `sessions` command use."""
+    keyring = Keyring.from_base64([k.get_secret_value() for k in config.session.encryption_keys])
+    return SessionManager(store, keyring, config.session, on_caching=on_caching)
 
 
 async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:

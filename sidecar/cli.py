@@ -1,4 +1,4 @@
-"""`auth-sidecar` command line: run, check-config, config-schema, generate-key."""
+"""`auth-sidecar` command line: run, check-config, config-schema, generate-key, sessions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sidecar import __version__
 from sidecar.config import Config, load_config
@@ -63,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
 
     key = commands.add_parser("generate-key", help="print a new session encryption key")
     key.set_defaults(func=_generate_key)
+
+    sessions = commands.add_parser(
+        "sessions", help="list or end a user's sessions in the store (Redis)"
+    )
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="print a user's live sessions as JSON")
+    listing.add_argument("--sub", required=True, help="the user's subject (sub claim)")
+    ending = actions.add_parser("end", help="end a user's sessions, or one session by id")
+    which = ending.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sub", help="end every session of this subject")
+    which.add_argument("--id", help="end the session with this id (as `list` shows it)")
+    for action in (listing, ending):
+        action.add_argument("--iss", help="the issuer (default: oidc.issuer)")
+        _config_option(action)
+        action.set_defaults(func=_sessions)
     return parser
 
 
@@ -119,6 +135,50 @@ def _check_config(args: argparse.Namespace) -> int:
 def _config_schema(args: argparse.Namespace) -> int:
     print(json.dumps(config_schema(), indent=2))
     return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sidecar.errors import StoreUnavailable
+
+    config = _load(args)
+    if config.session.store != "redis":
+        print(
+            "auth-sidecar: session.store is memory: its sessions live inside the running "
+            "process; use the admin API (docs/operations.md)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        answer = asyncio.run(_session_command(config, args))
+    except StoreUnavailable as exc:
+        print(f"auth-sidecar: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    if args.action == "end" and args.id and not answer["ended"]:
+        print("auth-sidecar: no live session has this id", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _session_command(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """What the admin API answers, straight from the store."""
+    from sidecar.app import open_sessions
+    from sidecar.backend import open_backend
+    from sidecar.session import admin
+
+    store = open_backend(config).store
+    try:
+        sessions = open_sessions(config, store)
+        iss = args.iss or config.oidc.issuer
+        if args.action == "list":
+            return {"sessions": await admin.listing(sessions, iss, args.sub)}
+        if args.id is not None:
+            return {"ended": await admin.end_one(sessions, args.id)}
+        return {"ended": await admin.end_user(sessions, iss, args.sub)}
+    finally:
+        await store.close()
 
 
 def _generate_key(args: argparse.Namespace) -> int:

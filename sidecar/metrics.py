@@ -98,6 +98,19 @@ class Metrics:
             "login.max_pending_per_browser.",
             registry=self.registry,
         )
+        self.logouts = Counter(
+            "sidecar_logout",
+            "Sessions ended by a logout, by kind: rp (sign-out), everywhere, backchannel, "
+            "frontchannel, admin, cap (session.max_per_user).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.backchannel_rejected = Counter(
+            "sidecar_backchannel_rejected",
+            "Back-channel logout requests refused with 400, by the check that failed.",
+            ["reason"],
+            registry=self.registry,
+        )
 
         # Labelled children by label values: `labels()` costs a lock and a tuple per call.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}

@@ -46,6 +46,26 @@ def write_worker_status(directory: Path, slot: int, status: dict[str, object]) -
     scratch.replace(target)
 
 
+def _admin_api(management: web.Application, config: Config) -> None:
+    """The admin API, served here with a store connection of its own (the workers serve none
+    of the management listener); its `admin` logout counts are logged, not in /metrics."""
+    if not config.admin.tokens:
+        return
+    from sidecar.app import open_sessions
+    from sidecar.backend import open_backend
+    from sidecar.web.admin import add_admin_routes
+
+    store = open_backend(config).store
+    add_admin_routes(
+        management, config.admin.tokens, open_sessions(config, store), config.oidc.issuer
+    )
+
+    async def close_store(_: web.Application) -> None:
+        await store.close()
+
+    management.on_cleanup.append(close_store)
+
+
 class _Workers:
     def __init__(self, config: Config, config_path: str, directory: Path) -> None:
         self._config = config
@@ -141,6 +161,7 @@ async def run_workers(config: Config, config_path: str) -> None:
     management.router.add_get("/healthz", healthz)
     management.router.add_get("/readyz", readyz)
     management.router.add_get("/metrics", metrics)
+    _admin_api(management, config)
     runner = web.AppRunner(management, handle_signals=False, access_log=None)
     await runner.setup()
     stop = asyncio.Event()

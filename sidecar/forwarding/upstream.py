@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from yarl import URL
 
 from sidecar.config import UpstreamConfig
@@ -35,7 +35,7 @@ from sidecar.forwarding.pool import (
 )
 from sidecar.metrics import Metrics
 
-__all__ = ["PathPrefixes", "Router", "Upstream", "path_matches"]
+__all__ = ["PathPrefixes", "Router", "Upstream", "is_websocket", "path_matches"]
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -137,13 +137,21 @@ class Upstream:
         return URL(self._origin + self.path(request), encoded=True)
 
     async def forward(
-        self, request: web.Request, extra: Iterable[tuple[str, str]] = ()
+        self,
+        request: web.Request,
+        extra: Iterable[tuple[str, str]] = (),
+        *,
+        ended: asyncio.Event | None = None,
     ) -> web.StreamResponse:
-        """Send `request` upstream and stream the answer back; `extra` headers are added."""
+        """Send `request` upstream and stream the answer back; `extra` headers are added.
+
+        `ended`: for a websocket, set when its session ends; both sides are then closed
+        with 1008 (policy violation).
+        """
         headers = self._headers(request)
         headers.extend(extra)
-        if _is_websocket(request):
-            return await self._forward_websocket(request, headers)
+        if is_websocket(request):
+            return await self._forward_websocket(request, headers, ended)
         return await self._forward_http(request, headers)
 
     async def _forward_http(
@@ -210,7 +218,7 @@ class Upstream:
             await response.write(chunk)
 
     async def _forward_websocket(
-        self, request: web.Request, headers: list[tuple[str, str]]
+        self, request: web.Request, headers: list[tuple[str, str]], ended: asyncio.Event | None
     ) -> web.StreamResponse:
         headers = [(k, v) for k, v in headers if k.lower() not in WEBSOCKET_HANDSHAKE]
         protocols = [
@@ -249,12 +257,23 @@ class Upstream:
                 asyncio.create_task(_relay(client, upstream)),
                 asyncio.create_task(_relay(upstream, client)),
             ]
+            watch = asyncio.create_task(ended.wait()) if ended is not None else None
+            watching: list[asyncio.Task[Any]] = [*relays, *([watch] if watch else [])]
             try:
-                await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(watching, return_when=asyncio.FIRST_COMPLETED)
+                if watch is not None and watch.done():
+                    for task in relays:
+                        task.cancel()
+                    await asyncio.gather(*relays, return_exceptions=True)
+                    await asyncio.gather(
+                        client.close(code=WSCloseCode.POLICY_VIOLATION, message=b"session ended"),
+                        upstream.close(code=WSCloseCode.POLICY_VIOLATION, message=b"session ended"),
+                        return_exceptions=True,
+                    )
                 # One side closed; give the other its closing handshake, then stop.
                 await asyncio.wait(relays, timeout=_WS_CLOSE_TIMEOUT)
             finally:
-                for task in relays:
+                for task in watching:
                     task.cancel()
                 await asyncio.gather(*relays, return_exceptions=True)
                 if not client.closed:
@@ -303,7 +322,7 @@ class _ProxiedResponse(web.StreamResponse):
             self.headers.popall(hdrs.CONTENT_TYPE, None)
 
 
-def _is_websocket(request: web.BaseRequest) -> bool:
+def is_websocket(request: web.BaseRequest) -> bool:
     return (
         request.method == "GET"
         and request.headers.get("Upgrade", "").lower() == "websocket"

@@ -132,6 +132,14 @@ async def callback(request: web.Request) -> web.StreamResponse:
         await sessions.delete(previous)
     session = await sessions.create(record)
     log.info("login", extra={"session": session.h[:12], "user": record.subject})
+    oldest = await sessions.over_cap(session)
+    if oldest:
+        ended = await sessions.end(oldest)
+        request.app[METRICS].logouts.labels("cap").inc(ended)
+        log.info(
+            "oldest sessions ended: over session.max_per_user",
+            extra={"user": record.subject, "ended": ended},
+        )
     response = redirect(pending.return_to)
     cookies.set_session(response, session.id)
     return response

@@ -1,6 +1,7 @@
 """`/oauth2/sign_out`: end the session, revoke its refresh token, and log out at the IdP
 (OpenID Connect RP-Initiated Logout 1.0). A POST from this site only (CSRF defence); a GET
-answers a page with the button.
+answers a page with the buttons. `?everywhere=1` first ends every other session of the same
+user (docs/sessions.md, "Central logout").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from aiohttp import web
 from yarl import URL
 
 from sidecar.web.authenticate import redirect
-from sidecar.web.keys import CONFIG, COOKIES, OIDC, ROUTE, SESSIONS
+from sidecar.web.keys import CONFIG, COOKIES, METRICS, OIDC, ROUTE, SESSIONS
 from sidecar.web.responses import error_response
 
 __all__ = ["sign_out"]
@@ -30,14 +31,32 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
     if not _same_origin(request, config.server.public_url):
         return error_response(request, 403, "cross_site", "sign-out must come from this site")
 
+    everywhere = request.query.get("everywhere") in ("1", "true")
     session = await sessions.load(cookies.session_id(request))
     id_token = None
     if session is not None:
+        record = session.record
+        others = 0
+        if everywhere:
+            # The other sessions' refresh tokens are sealed under their own session ids,
+            # which only their browsers hold: they are deleted, not revoked (docs/decisions.md).
+            found = await sessions.sessions_of_user(record.issuer, record.subject)
+            others = await sessions.end([s for s in found if s.id != session.h])
         await sessions.delete(session)
-        id_token = session.record.id_token
-        if session.record.refresh_token:
-            await client.revoke(session.record.refresh_token)
-        log.info("logout", extra={"session": session.h[:12], "user": session.record.subject})
+        id_token = record.id_token
+        if record.refresh_token:
+            await client.revoke(record.refresh_token)
+        kind = "everywhere" if everywhere else "rp"
+        request.app[METRICS].logouts.labels(kind).inc(1 + others)
+        log.info(
+            "logout",
+            extra={
+                "session": session.h[:12],
+                "user": record.subject,
+                "kind": kind,
+                "ended": 1 + others,
+            },
+        )
     target = client.end_session_url(id_token) or config.oidc.post_logout_redirect_url or "/"
     response: web.StreamResponse
     if _wants_json(request):
@@ -72,5 +91,8 @@ _SIGN_OUT_PAGE: Final = """<!doctype html>
 <p>Signing out ends your session on this site, revokes its tokens and signs you out at the
 identity provider too.</p>
 <form method="post" action="/oauth2/sign_out">
-<button type="submit">Sign out</button> <a href="/">Cancel</a></form></body></html>
+<button type="submit">Sign out</button> <a href="/">Cancel</a></form>
+<form method="post" action="/oauth2/sign_out?everywhere=1">
+<p>Signed in elsewhere too, on another browser or device?
+<button type="submit">Sign out everywhere</button></p></form></body></html>
 """

@@ -10,9 +10,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.forwarding.paths import PATH
+from sidecar.forwarding.upstream import is_websocket
 from sidecar.logging import REQUEST_ID
 from sidecar.web.authenticate import authenticate, forbidden, unauthenticated
-from sidecar.web.keys import ADMISSION, PUBLIC, REFRESHER, ROUTE, ROUTER
+from sidecar.web.keys import ADMISSION, PUBLIC, REFRESHER, ROUTE, ROUTER, SESSIONS
 from sidecar.web.responses import error_response
 
 __all__ = ["proxy"]
@@ -42,4 +43,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if identity is None:
         return forbidden(request, session, upstream.prefix)
     extra.extend(identity)
+    if is_websocket(request):
+        # A websocket outlives the request: it is closed when its session ends (logout).
+        with request.app[SESSIONS].ending(session.h) as ended:
+            return await upstream.forward(request, extra, ended=ended)
     return await upstream.forward(request, extra)
