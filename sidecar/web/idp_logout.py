@@ -72,10 +72,15 @@ async def backchannel_logout(request: web.Request) -> web.Response:
 
 
 async def frontchannel_logout(request: web.Request) -> web.Response:
-    """End the sessions of `sid` when `iss` is this sidecar's issuer; a page the IdP frames."""
+    """End the sessions of `sid` when `iss` is this sidecar's issuer; a page the IdP frames.
+
+    Microsoft Entra ID sends `sid` without `iss` (Front-Channel Logout 1.0 §2 wants both);
+    with one configured issuer a `sid` alone is unambiguous, so it is accepted
+    (docs/decisions.md). A different `iss` ends nothing.
+    """
     request[ROUTE] = "oauth2_frontchannel_logout"
     issuer = request.app[CONFIG].oidc.issuer
-    iss, sid = request.query.get("iss"), request.query.get("sid")
+    iss, sid = request.query.get("iss", issuer), request.query.get("sid")
     if iss != issuer or not sid:
         return _frame_page(request, 400, "This logout request is not for this site.")
     sessions = request.app[SESSIONS]

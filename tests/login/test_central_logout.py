@@ -308,6 +308,20 @@ async def test_front_channel_logout_ends_the_sid_when_iss_matches(
     assert await metric(sc, "sidecar_logout_total", 'kind="frontchannel"') == 1
 
 
+async def test_front_channel_logout_with_sid_alone_as_entra_sends_it(
+    start_sidecar: StartSidecar, upstream_app: Serve
+) -> None:
+    """Entra ID sends no `iss`: with one configured issuer the `sid` is unambiguous."""
+    sc = await central(start_sidecar, upstream_app)
+    cookie, other = await logged_in(sc), await logged_in(sc)
+    sids = [s["sid"] for s in await sessions_of(sc)]
+    async with aiohttp.ClientSession() as s:
+        params = {"sid": sids[0]}
+        async with s.get(sc.url("/oauth2/frontchannel-logout"), params=params) as r:
+            assert r.status == 200
+    assert sorted([await status_with(sc, cookie), await status_with(sc, other)]) == [200, 401]
+
+
 # --- log out everywhere --------------------------------------------------------------------
 
 
