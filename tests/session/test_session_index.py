@@ -14,7 +14,7 @@ import redis.asyncio as redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import SessionConfig
+from sidecar.config import RedisConfig, SessionConfig
 from sidecar.redis.keys import Keys
 from sidecar.redis.store import RedisSessionStore
 from sidecar.session import Keyring, MemorySessionStore, Session, SessionManager
@@ -22,6 +22,7 @@ from sidecar.session.manager import idp_session_ref, user_ref
 from sidecar.session.store import SessionStore
 from tests.support.keys import KEY_A
 from tests.support.records import record
+from tests.support.redis_fleet import Fleet, start_cluster
 from tests.support.stores import REDIS_URL
 
 ISSUER = "https://idp.example"
@@ -339,4 +340,38 @@ async def test_index_reads_only_ever_return_live_sessions_on_redis(
         await _run(ops, store, _Clock(), raw)
     finally:
         await client.aclose()
+        await store.close()
+
+
+async def test_central_logout_on_a_redis_cluster(redis_fleet: Fleet) -> None:
+    """Indexes, metadata and records live in different slots and nodes: listing, ending in
+    bulk and index cleanup work there too, one command per key, pipelined per node."""
+    cluster = start_cluster(redis_fleet)
+    config = RedisConfig(
+        url="redis://127.0.0.1:1/0", cluster={"nodes": cluster.addresses}, key_prefix="c"
+    )
+    store = RedisSessionStore.from_config(config)
+    try:
+        sessions = manager(store)
+        made = [await sessions.create(record(idp_session_id=f"sid-{i}")) for i in range(60)]
+        bob = await sessions.create(record(subject="bob", idp_session_id="sid-bob"))
+        found = await sessions.sessions_of_user(ISSUER, "alice")
+        assert {info.id for info in found} == {s.h for s in made}
+        assert len({cluster.node_of_key(Keys("c").record(s.h)).port for s in made}) == 3
+        assert await sessions.end(found, listed_under=user_ref(ISSUER, "alice")) == 60
+        assert await sessions.sessions_of_user(ISSUER, "alice") == []
+        assert await sessions.sessions_of_idp_session(ISSUER, "sid-7") == []
+        for s in made[:5]:
+            assert await sessions.load(s.id) is None
+        assert await sessions.load(bob.id) is not None
+        for node in cluster.nodes:
+            with node.client() as c:
+                left = [k for k in c.scan_iter("c:*") if b"bob" not in k]
+                assert all(
+                    not k.startswith((b"c:s:", b"c:m:")) or k.endswith(bob.h.encode() + b"}")
+                    for k in left
+                ), left
+        assert await sessions.remember_logout_token(ISSUER, "jti", time.time() + 60)
+        assert not await sessions.remember_logout_token(ISSUER, "jti", time.time() + 60)
+    finally:
         await store.close()
