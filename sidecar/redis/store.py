@@ -273,6 +273,10 @@ class RedisSessionStore:
             )
         return bool(done)
 
+    async def forget(self, key: str) -> None:
+        async with translated_errors():
+            await self._redis.delete(self._k.logout_token(key))
+
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         ttl_ms = milliseconds(ttl)
         now_us = int(time.time() * 1_000_000)

@@ -368,6 +368,11 @@ class SessionManager:
         1.0 §2.6 step 10)."""
         return await self.store.remember(subject_key(issuer, jti), until)
 
+    async def forget_logout_token(self, issuer: str, jti: str) -> None:
+        """The logout of a remembered token failed: the IdP's retry must be accepted."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.forget(subject_key(issuer, jti))
+
     @contextlib.contextmanager
     def ending(self, h: str) -> Iterator[asyncio.Event]:
         """An event set when session `h` ends, by this process or any other (through the

@@ -149,6 +149,9 @@ class MemorySessionStore:
         self._remembered[key] = until
         return True
 
+    async def forget(self, key: str) -> None:
+        self._remembered.pop(key, None)
+
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         now = self._clock()
         self._evict_logins(now)

@@ -85,6 +85,9 @@ class SessionStore(Protocol):
     async def remember(self, key: str, until: float) -> bool:
         """Note `key` (a logout token's jti hash) until `until`; False if already noted."""
 
+    async def forget(self, key: str) -> None:
+        """Drop a `remember`ed key: the logout it stood for did not complete."""
+
     async def put_login(self, key: str, sealed: bytes, ttl: float, browser: str, keep: int) -> int:
         """Store a pending login under the hash of its `state`, listed under `browser`.
 

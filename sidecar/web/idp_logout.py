@@ -15,7 +15,8 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from yarl import URL
 
-from sidecar.errors import IdPUnavailable, InvalidLogoutToken
+from sidecar.errors import IdPUnavailable, InvalidLogoutToken, StoreUnavailable
+from sidecar.oidc import LogoutClaims
 from sidecar.session import SessionManager
 from sidecar.session.manager import SessionInfo, idp_session_ref, user_ref
 from sidecar.web.keys import CONFIG, METRICS, OIDC, ROUTE, SESSIONS
@@ -56,16 +57,12 @@ async def backchannel_logout(request: web.Request) -> web.Response:
             status=503,
             headers={**_NO_STORE, "Retry-After": "5"},
         )
-    if claims.sid is not None:
-        ref = idp_session_ref(claims.issuer, claims.sid)
-        found = await sessions.sessions_of_idp_session(claims.issuer, claims.sid)
-        if claims.subject is not None:  # both named: sessions of that sid and that sub only
-            found = [s for s in found if s.sub in (None, claims.subject)]
-    else:
-        assert claims.subject is not None  # the validator requires sid or sub
-        ref = user_ref(claims.issuer, claims.subject)
-        found = await sessions.sessions_of_user(claims.issuer, claims.subject)
-    ended = await _end(sessions, found, ref)
+    try:
+        ended = await _end_named(sessions, claims)
+    except StoreUnavailable:
+        # The IdP will send the token again (503): its jti must not read as a replay then.
+        await sessions.forget_logout_token(claims.issuer, claims.jti)
+        raise
     metrics.logouts.labels("backchannel").inc(ended)
     log.info("back-channel logout", extra={"user": claims.subject, "ended": ended})
     return web.Response(status=200, headers=_NO_STORE)
@@ -89,6 +86,21 @@ async def frontchannel_logout(request: web.Request) -> web.Response:
     request.app[METRICS].logouts.labels("frontchannel").inc(ended)
     log.info("front-channel logout", extra={"ended": ended})
     return _frame_page(request, 200, "You are signed out of this site.")
+
+
+async def _end_named(sessions: SessionManager, claims: LogoutClaims) -> int:
+    """End the sessions of the token's `sid` (and `sub`, when both are named), or of its
+    `sub` at this issuer without a `sid` (§2.4)."""
+    if claims.sid is not None:
+        ref = idp_session_ref(claims.issuer, claims.sid)
+        found = await sessions.sessions_of_idp_session(claims.issuer, claims.sid)
+        if claims.subject is not None:
+            found = [s for s in found if s.sub in (None, claims.subject)]
+    else:
+        assert claims.subject is not None  # the validator requires sid or sub
+        ref = user_ref(claims.issuer, claims.subject)
+        found = await sessions.sessions_of_user(claims.issuer, claims.subject)
+    return await _end(sessions, found, ref)
 
 
 async def _logout_token(request: web.Request) -> str:

@@ -16,6 +16,8 @@ from aiohttp import WSMsgType, web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.errors import StoreUnavailable
+from sidecar.session import MemorySessionStore
 from tests.support.configs import make_config
 from tests.support.idp import CLIENT_ID, ThreadedIdP, idp_stats, shared_idp
 from tests.support.keys import TEST_KEY
@@ -565,3 +567,26 @@ async def test_the_admin_api_lists_and_ends_sessions(
     assert len(fingerprints) == 1 and len(next(iter(fingerprints))) == 8
     assert not any(ADMIN_TOKEN in r.getMessage() or ADMIN_TOKEN in str(vars(r)) for r in lines)
     assert [getattr(r, "count", None) for r in lines][-3:] == [0, 0, 2]
+
+
+async def test_a_logout_that_failed_on_the_store_is_accepted_again(
+    start_sidecar: StartSidecar, upstream_app: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 (the store failed mid-logout) must not make the IdP's retry a replay."""
+    sc = await central(start_sidecar, upstream_app)
+    cookie = await logged_in(sc)
+    real = MemorySessionStore.indexed
+    failures = [StoreUnavailable("redis: down for the test")]
+
+    async def indexed(self: MemorySessionStore, ref: str) -> dict[str, bytes | None]:
+        if failures:
+            raise failures.pop()
+        return await real(self, ref)
+
+    monkeypatch.setattr(MemorySessionStore, "indexed", indexed)
+    token = logout_token(shared_idp(), sub="alice")
+    assert (await post_logout_token(sc, token))[0] == 503
+    assert await status_with(sc, cookie) == 200
+    assert (await post_logout_token(sc, token))[0] == 200
+    assert await status_with(sc, cookie) == 401
+    assert (await post_logout_token(sc, token))[0] == 400  # now it is a replay
