@@ -14,14 +14,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+from joserfc.jwk import KeySet
 from yarl import URL
 
 from sidecar.config import OIDCConfig
-from sidecar.errors import IdPUnavailable, InvalidIDToken, TokenRequestError, reason
+from sidecar.errors import IdPUnavailable, TokenRequestError, reason
 from sidecar.health import Readiness
 from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
 from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
@@ -31,6 +32,8 @@ from sidecar.oidc.logout_token import LogoutClaims, UnknownLogoutKey, validate_l
 __all__ = ["OIDCClient", "TokenResponse"]
 
 log = logging.getLogger("sidecar.oidc")
+
+T = TypeVar("T")
 
 _MAX_RESPONSE_BYTES: Final = 1 << 20  # an IdP answer larger than 1 MiB is garbage
 _REVOKE_TIMEOUT: Final = 3.0  # logout never waits long on revocation (best effort)
@@ -165,47 +168,49 @@ class OIDCClient:
         expect_subject: str | None = None,
     ) -> dict[str, Any]:
         """Validate against the cached keys; on an unknown `kid`, refetch once and retry."""
-        for attempt in range(2):
-            keys = self.jwks.keys
-            if keys is None:
-                raise IdPUnavailable("IdP signing keys not loaded yet")
-            try:
-                return validate_id_token(
-                    token,
-                    keys,
-                    issuer=self.metadata.issuer,
-                    client_id=self.config.client_id,
-                    now=self._clock(),
-                    algorithms=self.metadata.id_token_signing_alg_values_supported,
-                    nonce=nonce,
-                    access_token=access_token,
-                    expect_subject=expect_subject,
-                )
-            except UnknownKeyId:
-                if attempt or not await self.jwks.refetch():
-                    raise
-        raise InvalidIDToken("unreachable")  # pragma: no cover
+        return await self._with_keys(
+            lambda keys: validate_id_token(
+                token,
+                keys,
+                issuer=self.metadata.issuer,
+                client_id=self.config.client_id,
+                now=self._clock(),
+                algorithms=self.metadata.id_token_signing_alg_values_supported,
+                nonce=nonce,
+                access_token=access_token,
+                expect_subject=expect_subject,
+            ),
+            UnknownKeyId,
+        )
 
     async def validate_logout_token(self, token: str) -> LogoutClaims:
         """Validate a back-channel logout token (Back-Channel Logout 1.0 §2.6) against the
         cached keys; on an unknown `kid`, refetch once and retry, as for ID tokens."""
+        return await self._with_keys(
+            lambda keys: validate_logout_token(
+                token,
+                keys,
+                issuer=self.metadata.issuer,
+                client_id=self.config.client_id,
+                now=self._clock(),
+                algorithms=self.metadata.id_token_signing_alg_values_supported,
+            ),
+            UnknownLogoutKey,
+        )
+
+    async def _with_keys(self, check: Callable[[KeySet], T], unknown: type[Exception]) -> T:
+        """`check` against the cached signing keys; when it raises `unknown` (a `kid` not in
+        the set: the IdP may have rotated), fetch the JWKS once more and try again."""
         for attempt in range(2):
             keys = self.jwks.keys
             if keys is None:
                 raise IdPUnavailable("IdP signing keys not loaded yet")
             try:
-                return validate_logout_token(
-                    token,
-                    keys,
-                    issuer=self.metadata.issuer,
-                    client_id=self.config.client_id,
-                    now=self._clock(),
-                    algorithms=self.metadata.id_token_signing_alg_values_supported,
-                )
-            except UnknownLogoutKey:
+                return check(keys)
+            except unknown:
                 if attempt or not await self.jwks.refetch():
                     raise
-        raise UnknownLogoutKey("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def userinfo(self, access_token: str) -> dict[str, Any] | None:
         """Claims from the UserInfo endpoint (OIDC Core §5.3), or None if it has none or fails.
