@@ -13,6 +13,7 @@
     │   ├── TokenRequestError     the token endpoint said no (wire `error` code)
     │   ├── InvalidIDToken        signature, issuer, audience, nonce … wrong
     │   └── InvalidLogoutToken    a back-channel logout token failed §2.6   → 400
+    ├── InvalidBearerToken     a machine client's bearer token is not valid → 401
     ├── SessionEnded           refresh said invalid_grant; session deleted  → 302 / 401
     └── RefreshUnavailable     no valid token and no refresh possible now   → 503 + Retry-After
 
@@ -28,6 +29,7 @@ __all__ = [
     "IdPError",
     "IdPUnavailable",
     "InvalidIDToken",
+    "InvalidBearerToken",
     "InvalidLogoutToken",
     "RefreshUnavailable",
     "RequestBodyTimeout",
@@ -160,6 +162,15 @@ class InvalidLogoutToken(IdPError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class InvalidBearerToken(SidecarError):
+    """A bearer token (`Authorization: Bearer`) that is not a valid token of an accepted
+    issuer: answered 401 with `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3).
+    The message says what failed and never contains the token."""
+
+    status = 401
+    code = "invalid_token"
 
 
 class SessionEnded(SidecarError):

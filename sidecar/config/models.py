@@ -22,21 +22,27 @@ from pydantic import (
 )
 from yarl import URL
 
-from sidecar.config.types import Duration, ListenAddress
+from sidecar.config.types import ASYMMETRIC_ALGORITHMS, Duration, ListenAddress
 from sidecar.forwarding.paths import BadPath, CanonicalPath, canonical_path
 
 __all__ = [
     "AccessConfig",
     "AdminConfig",
+    "BearerConfig",
+    "BearerIssuer",
     "ClusterConfig",
     "Config",
+    "CsrfConfig",
+    "ForwardAuthConfig",
     "InjectConfig",
+    "IntrospectionConfig",
     "LoggingConfig",
     "LoginConfig",
     "ManagementConfig",
     "OIDCConfig",
     "RedisConfig",
     "RefreshConfig",
+    "RouteRule",
     "SentinelConfig",
     "ServerConfig",
     "SessionConfig",
@@ -291,6 +297,70 @@ class AccessConfig(_Section):
     )
 
 
+_METHOD: Final = re.compile(r"[A-Z][A-Z0-9_-]*")
+_GLOB_SEGMENT: Final = re.compile(r"[^/?#\\]*")
+ClaimValue = str | int | bool
+
+
+class RouteRule(_Section):
+    """One rule of an upstream: which requests it matches, and who may pass (docs/rules.md)."""
+
+    methods: list[str] = Field(
+        default_factory=list, description="HTTP methods this rule matches; none: any"
+    )
+    paths: list[str] = Field(
+        default_factory=list,
+        description="globs on the canonical path: * within one segment, ** across segments; "
+        "none: any path",
+    )
+    allow: Literal["public", "authenticated", "deny"] = Field(
+        "authenticated",
+        description="public: no login, no identity; deny: 403 for everyone; authenticated: "
+        "a session or bearer token that meets every condition of the rule",
+    )
+    groups: list[str] = Field(
+        default_factory=list, description="any one of these groups (access.groups_claim)"
+    )
+    emails: list[str] = Field(default_factory=list, description="any one of these addresses")
+    email_domains: list[str] = Field(
+        default_factory=list, description="any address in one of these domains"
+    )
+    claims: dict[str, list[ClaimValue]] = Field(
+        default_factory=dict, description="claim path (dotted) -> any one of these values"
+    )
+    scopes: list[str] = Field(
+        default_factory=list, description="every one of these scopes (bearer tokens' scope claim)"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        upper = [m.upper() for m in value]
+        for method in upper:
+            if not _METHOD.fullmatch(method):
+                raise ValueError(f"{method!r} is not an HTTP method")
+        return upper
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            if not glob.startswith("/"):
+                raise ValueError(f"{glob!r}: a path glob starts with /")
+            if any(not _GLOB_SEGMENT.fullmatch(part) for part in glob.split("/")):
+                raise ValueError(f"{glob!r}: no query, fragment or backslash in a path glob")
+            if any("**" in part and part != "**" for part in glob.split("/")):
+                raise ValueError(f"{glob!r}: ** must be a whole segment")
+        return value
+
+    @model_validator(mode="after")
+    def _conditions_need_a_login(self) -> Self:
+        conditions = self.groups or self.emails or self.email_domains or self.claims
+        if self.allow != "authenticated" and (conditions or self.scopes):
+            raise ValueError(f"allow: {self.allow} takes no conditions")
+        return self
+
+
 class UpstreamConfig(_Section):
     path: PathPrefix = "/"
     url: BaseUrl
@@ -310,6 +380,10 @@ class UpstreamConfig(_Section):
         False, description="accept `;` path parameters in paths routed here (docs/security.md)"
     )
     access: AccessConfig | None = None
+    rules: list[RouteRule] = Field(
+        default_factory=list,
+        description="ordered rules, first match wins; no rule matched: access (docs/rules.md)",
+    )
 
 
 class LoginConfig(_Section):
@@ -339,6 +413,93 @@ class InjectConfig(_Section):
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
         return value
+
+
+class BearerIssuer(_Section):
+    issuer: BaseUrl
+    audiences: list[str] = Field(
+        min_length=1, description="the token's aud must contain one of these"
+    )
+    jwks_url: HttpUrl | None = Field(
+        None, description="the issuer's JWKS; default: jwks_uri of its discovery document"
+    )
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "ES256", "EdDSA"],
+        min_length=1,
+        description="signing algorithms accepted (asymmetric only)",
+    )
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        for algorithm in value:
+            if algorithm not in ASYMMETRIC_ALGORITHMS:
+                raise ValueError(f"{algorithm!r}: only asymmetric algorithms ({_ALGORITHMS})")
+        return value
+
+
+_ALGORITHMS: Final = ", ".join(sorted(ASYMMETRIC_ALGORITHMS))
+
+
+class IntrospectionConfig(_Section):
+    endpoint: HttpUrl = Field(description="the RFC 7662 introspection endpoint")
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    cache_ttl: Duration = Field(
+        60.0, ge=0, description="how long an answer is reused (never past the token's exp)"
+    )
+
+
+class BearerConfig(_Section):
+    accept_provider_tokens: bool = Field(
+        False, description="accept JWT access tokens of oidc.issuer (audience: audiences)"
+    )
+    audiences: list[str] = Field(
+        default_factory=list,
+        description="audiences of the provider's tokens; none: oidc.client_id",
+    )
+    issuers: list[BearerIssuer] = Field(
+        default_factory=list, description="other issuers whose JWT access tokens are accepted"
+    )
+    introspection: IntrospectionConfig | None = Field(
+        None, description="check opaque tokens at this endpoint (RFC 7662)"
+    )
+    cache_max_entries: int = Field(
+        10_000, ge=1, description="validated tokens remembered per process, by hash"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.accept_provider_tokens or self.issuers or self.introspection)
+
+
+class CsrfConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="unsafe methods with the session cookie must come from this site",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="other origins allowed to send them, e.g. https://x.y"
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            url = URL(origin)
+            if url.scheme not in ("http", "https") or not url.host or str(url.origin()) != origin:
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return value
+
+
+class ForwardAuthConfig(_Section):
+    authorization: bool = Field(
+        True, description="answer the Authorization header for the upstream too"
+    )
+    redirect: bool = Field(
+        False,
+        description="send unauthenticated navigations to login (Traefik, Caddy) instead of 401",
+    )
 
 
 class AdminConfig(_Section):
@@ -376,6 +537,9 @@ class Config(_Section):
     access: AccessConfig = Field(default_factory=AccessConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    bearer: BearerConfig = Field(default_factory=BearerConfig)
+    csrf: CsrfConfig = Field(default_factory=CsrfConfig)
+    forward_auth: ForwardAuthConfig = Field(default_factory=ForwardAuthConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:

@@ -1,4 +1,4 @@
-"""Scalar types of the configuration: durations and listen addresses."""
+"""Scalar types of the configuration: durations, listen addresses, signing algorithms."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated, Any, NamedTuple
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = [
+    "ASYMMETRIC_ALGORITHMS",
     "DURATION_PATTERN",
     "Address",
     "Duration",
@@ -17,6 +18,12 @@ __all__ = [
     "parse_address",
     "parse_duration",
 ]
+
+# The JWS algorithms the sidecar ever verifies: asymmetric only. `none` and HMAC (which would
+# make a client secret a signing key) are refused whatever an IdP advertises.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")

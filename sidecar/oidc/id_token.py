@@ -15,15 +15,12 @@ from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
+from sidecar.config.types import ASYMMETRIC_ALGORITHMS
 from sidecar.errors import InvalidIDToken
 
 __all__ = ["ALLOWED_ALGORITHMS", "UnknownKeyId", "validate_id_token"]
 
-# Asymmetric only: `none` and HMAC (which would make the client secret a signing key)
-# are refused whatever the IdP advertises.
-ALLOWED_ALGORITHMS: Final = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
+ALLOWED_ALGORITHMS: Final = ASYMMETRIC_ALGORITHMS
 LEEWAY: Final = 60  # seconds of clock skew tolerated on exp/iat
 
 
