@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar.access.admission import Admission
+from sidecar.access.routes import RouteTable
 from sidecar.backend import Backend, open_backend
 from sidecar.config import Config
 from sidecar.errors import StoreUnavailable
@@ -30,11 +31,13 @@ from sidecar.session.cookie import Cookies
 from sidecar.session.store import SessionStore
 from sidecar.web import idp_logout, login, logout, userinfo
 from sidecar.web.admin import add_admin_routes
+from sidecar.web.csrf import CsrfPolicy
 from sidecar.web.forward_auth import forward_auth
 from sidecar.web.keys import (
     ADMISSION,
     CONFIG,
     COOKIES,
+    CSRF,
     FORWARDED,
     LOGIN_LIMITER,
     METRICS,
@@ -128,7 +131,12 @@ def build_apps(
     )
     main[COOKIES] = cookies
     main[LOGIN_LIMITER] = ClientRateLimiter.for_logins(config.login, policy)
-    main[ADMISSION] = Admission(config.access, config.inject)
+    main[ADMISSION] = Admission(
+        config.access,
+        config.inject,
+        {u.path: RouteTable(u.rules) for u in config.upstreams},
+    )
+    main[CSRF] = CsrfPolicy(config)
     main[PUBLIC] = PathPrefixes(config.public_paths)
     # A route every origin-form path matches, never called: without one, aiohttp builds a
     # 404 exception for each request before the dispatcher (the last middleware) runs.

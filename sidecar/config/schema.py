@@ -69,7 +69,7 @@ _DESCRIPTIONS: Final = {
     "Config.public_paths": "path prefixes forwarded without a session or identity",
     "Config.access": "who may pass at all",
     "Config.logging": "logs",
-    "Config.bearer": "bearer tokens of machine clients beside browser sessions (docs/machine-clients.md)",
+    "Config.bearer": "bearer tokens of machine clients beside browser sessions",
     "Config.csrf": "CSRF defence for cookie-authenticated unsafe requests",
     "Config.forward_auth": "how /oauth2/auth answers front proxies",
     "BearerIssuer.issuer": "the issuer URL; its tokens' iss must equal it",

@@ -19,6 +19,7 @@ from sidecar.web.responses import error_response, is_navigation
 __all__ = [
     "START_PATH",
     "authenticate",
+    "denied",
     "forbidden",
     "login_url",
     "redirect",
@@ -88,6 +89,12 @@ def forbidden(request: web.Request, session: Session, scope: str) -> web.Respons
         "access denied",
         extra={"session": session.h[:12], "user": session.record.subject, "scope": scope},
     )
+    return error_response(request, 403, "forbidden", "you are not allowed to see this")
+
+
+def denied(request: web.Request, scope: str) -> web.Response:
+    """403 for a request a `deny` rule refuses, whoever asks; nothing about the rule."""
+    log.info("access denied", extra={"scope": scope, "rule": "deny"})
     return error_response(request, 403, "forbidden", "you are not allowed to see this")
 
 

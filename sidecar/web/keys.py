@@ -16,12 +16,14 @@ from sidecar.oidc import OIDCClient
 from sidecar.refresh import Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
+from sidecar.web.csrf import CsrfPolicy
 from sidecar.web.ratelimit import ClientRateLimiter
 
 __all__ = [
     "ADMISSION",
     "CONFIG",
     "COOKIES",
+    "CSRF",
     "FORWARDED",
     "LOGIN_LIMITER",
     "METRICS",
@@ -41,6 +43,7 @@ OIDC: Final = web.AppKey("oidc", OIDCClient)
 SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
+CSRF: Final = web.AppKey("csrf", CsrfPolicy)
 # Per client address, on `/oauth2/start` (sidecar/web/ratelimit.py).
 LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)

@@ -1,8 +1,10 @@
 """The proxy handler: every request that is not a sidecar endpoint.
 
-Public path → forwarded without identity. Otherwise: the session (`authenticate`), a fresh
-token (the refresh protocol), the upstream's access rules, and the identity headers; then
-forwarded (docs/architecture.md, "One request").
+Public path or public rule → forwarded without identity; a deny rule → 403. Otherwise the
+caller: the session (`authenticate`), CSRF defence, a fresh token (the refresh protocol), or a
+bearer token of a machine client; then the rule's conditions or the upstream's access rules,
+and the identity headers; then forwarded (docs/architecture.md, "One request";
+docs/rules.md).
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ from aiohttp import web
 from sidecar.forwarding.paths import PATH
 from sidecar.forwarding.upstream import is_websocket
 from sidecar.logging import REQUEST_ID
-from sidecar.web.authenticate import authenticate, forbidden, unauthenticated
-from sidecar.web.keys import ADMISSION, PUBLIC, REFRESHER, ROUTE, ROUTER, SESSIONS
+from sidecar.web.authenticate import (
+    authenticate,
+    denied,
+    forbidden,
+    unauthenticated,
+)
+from sidecar.web.keys import ADMISSION, CSRF, PUBLIC, REFRESHER, ROUTE, ROUTER, SESSIONS
 from sidecar.web.responses import error_response
 
 __all__ = ["proxy"]
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """Everything that is not a sidecar endpoint: session → access rules → headers → upstream."""
+    """Everything that is not a sidecar endpoint: caller → rules → headers → upstream."""
     target = request[PATH]
     upstream = request.app[ROUTER].match(target.path)
     if upstream is None:
@@ -34,12 +41,24 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     extra = [("X-Request-Id", request[REQUEST_ID])]
     if target.path in request.app[PUBLIC]:
         return await upstream.forward(request, extra)
+    route = request.app[ADMISSION].route(upstream.prefix, request.method, target.path)
+    if route is not None:
+        if route.allow == "public":
+            return await upstream.forward(request, extra)
+        if route.allow == "deny":
+            return denied(request, upstream.prefix)
 
     session = await authenticate(request)
     if session is None:
         return unauthenticated(request)
+    if not request.app[CSRF].allows(request):
+        return error_response(
+            request, 403, "csrf", "this request must come from a page of this site"
+        )
     session = await request.app[REFRESHER].ensure_fresh(session)
-    identity = request.app[ADMISSION].headers(session, upstream.prefix, upstream.config.access)
+    identity = request.app[ADMISSION].headers(
+        session, upstream.prefix, upstream.config.access, route
+    )
     if identity is None:
         return forbidden(request, session, upstream.prefix)
     extra.extend(identity)
