@@ -32,7 +32,7 @@ from sidecar.session.store import SessionStore
 from sidecar.web import idp_logout, login, logout, userinfo
 from sidecar.web.admin import add_admin_routes
 from sidecar.web.csrf import CsrfPolicy
-from sidecar.web.forward_auth import forward_auth
+from sidecar.web.forward_auth import AUTH_PATH, forward_auth
 from sidecar.web.keys import (
     ADMISSION,
     CONFIG,
@@ -106,11 +106,15 @@ def build_apps(
         "/oauth2/callback": {"GET": login.callback},
         "/oauth2/sign_out": {"GET": logout.sign_out, "POST": logout.sign_out},
         "/oauth2/userinfo": {"GET": userinfo.userinfo},
-        "/oauth2/auth": {"*": forward_auth},  # front proxies may send the original method
+        AUTH_PATH: {"*": forward_auth},  # front proxies may send the original method
         "/oauth2/backchannel-logout": {"POST": idp_logout.backchannel_logout},
         "/oauth2/frontchannel-logout": {"GET": idp_logout.frontchannel_logout},
     }
-    main = web.Application(middlewares=[observe, map_errors, Dispatcher(endpoints, proxy)])
+    # Envoy's ext_authz sends `/oauth2/auth<original path>` (docs/forward-auth.md).
+    prefixes = {AUTH_PATH + "/": endpoints[AUTH_PATH]}
+    main = web.Application(
+        middlewares=[observe, map_errors, Dispatcher(endpoints, proxy, prefixes)]
+    )
     main[CONFIG] = config
     main[METRICS] = metrics
     main[READINESS] = readiness

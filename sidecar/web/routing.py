@@ -29,20 +29,29 @@ _VALID_HOSTS_MAX: Final = 256
 
 class Dispatcher:
     """The innermost middleware, and the only router: sidecar endpoints by exact canonical
-    path and method (`*`: any; GET serves HEAD too), else `proxy`.
+    path and method (`*`: any; GET serves HEAD too), then by path prefix (`prefixes`, for
+    `/oauth2/auth/<original path>`), else `proxy`.
 
     As a middleware it sees every request, including targets aiohttp's router cannot match
     (`OPTIONS *`, `CONNECT host:443`), and ignores aiohttp's own match.
     """
 
-    __slots__ = ("_endpoints", "_proxy")
+    __slots__ = ("_endpoints", "_prefixes", "_proxy")
     __middleware_version__ = 1  # a new-style aiohttp middleware (`@web.middleware`)
 
-    def __init__(self, endpoints: Mapping[str, Mapping[str, Handler]], proxy: Handler) -> None:
-        self._endpoints = {
-            path: {**methods, **({"HEAD": methods["GET"]} if "GET" in methods else {})}
-            for path, methods in endpoints.items()
-        }
+    def __init__(
+        self,
+        endpoints: Mapping[str, Mapping[str, Handler]],
+        proxy: Handler,
+        prefixes: Mapping[str, Mapping[str, Handler]] | None = None,
+    ) -> None:
+        def with_head(methods: Mapping[str, Handler]) -> dict[str, Handler]:
+            return {**methods, **({"HEAD": methods["GET"]} if "GET" in methods else {})}
+
+        self._endpoints = {path: with_head(methods) for path, methods in endpoints.items()}
+        self._prefixes = tuple(
+            (prefix, with_head(methods)) for prefix, methods in (prefixes or {}).items()
+        )
         self._proxy = proxy
 
     def __call__(self, request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
@@ -61,7 +70,9 @@ class Dispatcher:
             return _refuse(request, problem)
         methods = self._endpoints.get(target.path)
         if methods is None:
-            return self._proxy(request)
+            methods = next((m for p, m in self._prefixes if target.path.startswith(p)), None)
+            if methods is None:
+                return self._proxy(request)
         endpoint = methods.get(request.method) or methods.get("*")
         if endpoint is None:
             return _not_allowed(request, methods)
