@@ -1,5 +1,6 @@
 """OpenID Connect relying-party parts, shaped after the specs they implement."""
 
+from sidecar.oidc.bearer import BearerIdentity, BearerVerifier
 from sidecar.oidc.client import OIDCClient, TokenResponse
 from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
 from sidecar.oidc.id_token import ALLOWED_ALGORITHMS, UnknownKeyId, validate_id_token
@@ -8,6 +9,8 @@ from sidecar.oidc.pkce import challenge_s256, new_verifier
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "BearerIdentity",
+    "BearerVerifier",
     "LogoutClaims",
     "OIDCClient",
     "ProviderMetadata",

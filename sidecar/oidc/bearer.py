@@ -23,7 +23,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -44,7 +44,7 @@ from yarl import URL
 from sidecar.config import BearerConfig, BearerIssuer, IntrospectionConfig
 from sidecar.config.types import ASYMMETRIC_ALGORITHMS
 from sidecar.errors import IdPUnavailable, InvalidBearerToken, reason
-from sidecar.oidc.client import _MAX_RESPONSE_BYTES, OIDCClient, _json_object
+from sidecar.oidc.client import OIDCClient, json_object, read_capped
 from sidecar.oidc.id_token import LEEWAY
 from sidecar.oidc.jwks import JWKSCache
 
@@ -127,8 +127,10 @@ class BearerVerifier:
         )
 
     async def close(self) -> None:
-        for task in list(self._pending.values()):
+        pending = list(self._pending.values())
+        for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -167,13 +169,12 @@ class BearerVerifier:
             raise InvalidBearerToken("malformed token")
         key = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
         parts = _jwt_parts(token)
-        if parts is None:
-            if self._config.introspection is None:
-                raise InvalidBearerToken("not a JWT")
+        if parts is not None:
+            identity, valid_until = await self._verify_jwt(token, key, *parts)
+        elif self._config.introspection is not None:
             identity, valid_until = await self._introspect(token, key, self._config.introspection)
         else:
-            identity = await self._verify_jwt(token, key, *parts)
-            valid_until = identity.expires_at
+            raise InvalidBearerToken("not a JWT")
         if valid_until > self._clock():
             self._remember(digest, identity, valid_until)
         return identity
@@ -189,15 +190,15 @@ class BearerVerifier:
 
     async def _verify_jwt(
         self, token: str, key: str, header: dict[str, Any], payload: Any
-    ) -> BearerIdentity:
+    ) -> tuple[BearerIdentity, float]:
+        """The identity of a valid JWT access token, valid until its `exp`."""
         if not isinstance(payload, dict):
             raise InvalidBearerToken("malformed token")
         issuer = payload.get("iss")
         source = self._source(issuer)
         if source is None:
-            if self._config.introspection is not None:
-                identity, _ = await self._introspect(token, key, self._config.introspection)
-                return identity
+            if self._config.introspection is not None:  # its issuer may know it
+                return await self._introspect(token, key, self._config.introspection)
             raise InvalidBearerToken("unknown issuer")
         assert isinstance(issuer, str)  # a source was found by it
 
@@ -211,7 +212,7 @@ class BearerVerifier:
         if exp is None:
             raise InvalidBearerToken("token has no expiry")
         _check_access_token(claims)
-        return BearerIdentity(
+        identity = BearerIdentity(
             issuer=issuer,
             subject=_subject(claims),
             claims=claims,
@@ -219,6 +220,7 @@ class BearerVerifier:
             expires_at=exp,
             key=key,
         )
+        return identity, exp
 
     def _source(self, issuer: object) -> _KeySource | None:
         """Who vouches for tokens of `issuer`: the provider, a configured issuer, or nobody."""
@@ -241,9 +243,7 @@ class BearerVerifier:
     ) -> tuple[BearerIdentity, float]:
         """The identity of an active token and until when the answer may be reused."""
         # §2.1: the token, a hint, and the client's authentication (RFC 6749 §2.3.1).
-        form, headers = _client_auth(
-            config, {"token": token, "token_type_hint": "access_token"}
-        )
+        form, headers = _client_auth(config, {"token": token, "token_type_hint": "access_token"})
         answer = await self._request_json("POST", config.endpoint, form, headers)
         active = answer.get("active")  # §2.2: REQUIRED boolean
         if active is False:
@@ -306,13 +306,13 @@ class BearerVerifier:
                 headers={"Accept": "application/json", **(headers or {})},
                 allow_redirects=False,
             ) as resp:
-                body = await _read_capped(resp)
+                body = await read_capped(resp)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise IdPUnavailable(f"{where}: {reason(exc)}") from exc
         if status != 200:
             raise IdPUnavailable(f"{where} answered HTTP {status}")
-        payload = _json_object(body) if body is not None else None
+        payload = json_object(body) if body is not None else None
         if payload is None:
             raise IdPUnavailable(f"{where} did not answer a JSON object")
         return payload
@@ -361,7 +361,7 @@ class _RemoteKeys(_KeySource):
     def __init__(
         self,
         entry: BearerIssuer,
-        get_json: Callable[[str], Any],
+        get_json: Callable[[str], Awaitable[dict[str, Any]]],
     ) -> None:
         self.issuer = entry.issuer
         self.audiences = frozenset(entry.audiences)
@@ -562,14 +562,3 @@ def _client_auth(
     # RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
     pair = f"{quote(config.client_id, safe='')}:{quote(secret.get_secret_value(), safe='')}"
     return form, {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
-
-
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The whole body, or None past `_MAX_RESPONSE_BYTES` (an answer that large is garbage).
-    `read(n)` alone returns what has arrived so far, which may be a part."""
-    body = bytearray()
-    async for chunk in resp.content.iter_any():
-        body += chunk
-        if len(body) > _MAX_RESPONSE_BYTES:
-            return None
-    return bytes(body)

@@ -29,7 +29,7 @@ from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
 from sidecar.oidc.jwks import JWKSCache
 from sidecar.oidc.logout_token import LogoutClaims, UnknownLogoutKey, validate_logout_token
 
-__all__ = ["OIDCClient", "TokenResponse"]
+__all__ = ["OIDCClient", "TokenResponse", "json_object", "read_capped"]
 
 log = logging.getLogger("sidecar.oidc")
 
@@ -226,12 +226,12 @@ class OIDCClient:
                 headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
                 allow_redirects=False,
             ) as resp:
-                body = await resp.content.read(_MAX_RESPONSE_BYTES)
+                body = await read_capped(resp)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError):
             log.warning("userinfo request failed")
             return None
-        claims = _json_object(body) if status == 200 else None
+        claims = json_object(body) if status == 200 and body is not None else None
         if claims is None:
             log.warning("userinfo answered unusably", extra={"status": status})
         return claims
@@ -301,14 +301,14 @@ class OIDCClient:
                 allow_redirects=False,
                 timeout=limit or self._timeout,
             ) as resp:
-                body = await resp.content.read(_MAX_RESPONSE_BYTES)
+                body = await read_capped(resp)
                 status = resp.status
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Refused, DNS, TLS or connect timeout: nothing reached the token endpoint.
             raise IdPUnavailable(f"token endpoint: {type(exc).__name__}", maybe_sent=False) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise IdPUnavailable(f"token endpoint: {type(exc).__name__}") from exc
-        payload = _json_object(body)
+        payload = json_object(body) if body is not None else None
         if status == 200 and payload is not None:
             return _token_response(payload)
         if 400 <= status < 500 and payload is not None and isinstance(payload.get("error"), str):
@@ -318,12 +318,12 @@ class OIDCClient:
     async def _get_json(self, url: str) -> Any:
         try:
             async with self.session.get(url, allow_redirects=False) as resp:
-                body = await resp.content.read(_MAX_RESPONSE_BYTES)
+                body = await read_capped(resp)
                 if resp.status != 200:
                     raise IdPUnavailable(f"{url} answered HTTP {resp.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise IdPUnavailable(f"{url}: {reason(exc)}") from exc
-        payload = _json_object(body)
+        payload = json_object(body) if body is not None else None
         if payload is None:
             raise IdPUnavailable(f"{url} did not answer a JSON object")
         return payload
@@ -332,7 +332,19 @@ class OIDCClient:
         return await self._get_json(self.metadata.jwks_uri)
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+async def read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body, or None past `_MAX_RESPONSE_BYTES` (an answer that large is garbage).
+    `read(n)` alone returns what has arrived so far, which may be a part."""
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > _MAX_RESPONSE_BYTES:
+            return None
+    return bytes(body)
+
+
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None."""
     try:
         value = json.loads(body)
     except ValueError:
