@@ -24,7 +24,7 @@ from sidecar.forwarding.headers import ForwardedPolicy, injected_names
 from sidecar.forwarding.upstream import PathPrefixes, Router, Upstream
 from sidecar.health import Readiness, healthz, readyz
 from sidecar.metrics import Metrics, metrics_endpoint
-from sidecar.oidc import OIDCClient
+from sidecar.oidc import BearerVerifier, OIDCClient
 from sidecar.refresh import Refresher, RefreshTiming
 from sidecar.session import Keyring, SessionManager
 from sidecar.session.cookie import Cookies
@@ -35,6 +35,7 @@ from sidecar.web.csrf import CsrfPolicy
 from sidecar.web.forward_auth import AUTH_PATH, forward_auth
 from sidecar.web.keys import (
     ADMISSION,
+    BEARER,
     CONFIG,
     COOKIES,
     CSRF,
@@ -141,6 +142,7 @@ def build_apps(
         {u.path: RouteTable(u.rules) for u in config.upstreams},
     )
     main[CSRF] = CsrfPolicy(config)
+    main[BEARER] = BearerVerifier(config.bearer, oidc)
     main[PUBLIC] = PathPrefixes(config.public_paths)
     # A route every origin-form path matches, never called: without one, aiohttp builds a
     # 404 exception for each request before the dispatcher (the last middleware) runs.
@@ -230,12 +232,15 @@ async def _probe_store(
 
 
 async def _identity_provider(app: web.Application) -> AsyncIterator[None]:
-    """Start the IdP client and load its metadata in the background (start-up never blocks)."""
-    oidc = app[OIDC]
+    """Start the IdP client (and the bearer-token verifier, which leans on it) and load its
+    metadata in the background (start-up never blocks)."""
+    oidc, bearer = app[OIDC], app[BEARER]
     await oidc.start()
+    await bearer.start()
     discovery = asyncio.create_task(oidc.discover_forever())
     yield
     discovery.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await discovery
+    await bearer.close()
     await oidc.close()

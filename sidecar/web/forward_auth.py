@@ -21,10 +21,21 @@ from typing import Final, NamedTuple
 from aiohttp import web
 from yarl import URL
 
-from sidecar.errors import SessionEnded
+from sidecar.access.admission import Headers
+from sidecar.errors import InvalidBearerToken, SessionEnded
 from sidecar.forwarding.paths import PATH, BadPath, CanonicalPath, canonical_path
 from sidecar.web.authenticate import START_PATH, authenticate, forbidden, unauthorized_json
-from sidecar.web.keys import ADMISSION, CONFIG, CSRF, FORWARDED, REFRESHER, ROUTE, ROUTER
+from sidecar.web.bearer import insufficient_scope, invalid_token, presented_token
+from sidecar.web.keys import (
+    ADMISSION,
+    BEARER,
+    CONFIG,
+    CSRF,
+    FORWARDED,
+    REFRESHER,
+    ROUTE,
+    ROUTER,
+)
 from sidecar.web.responses import error_response, is_navigation
 
 __all__ = ["AUTH_PATH", "forward_auth"]
@@ -77,23 +88,30 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
             session = await request.app[REFRESHER].ensure_fresh(session)
         except SessionEnded:
             session = None
+    scope = upstream.prefix if upstream is not None else _SCOPE
+    rules = upstream.config.access if upstream is not None else None
     if session is None:
-        return _unauthenticated(request, original)
+        token = presented_token(request) if request.app[BEARER].enabled else None
+        if token is None:
+            return _unauthenticated(request, original)
+        try:
+            caller = await request.app[BEARER].verify(token)
+        except InvalidBearerToken as exc:
+            return invalid_token(str(exc))
+        identity = admission.bearer_headers(
+            token, caller.key, caller.claims, caller.scopes, scope, rules, route
+        )
+        if identity is None:
+            return insufficient_scope(_SCOPE, caller.subject)
+        return _allowed(_for_upstream(request, identity))
     if original.method not in ("GET", "HEAD", "OPTIONS") and not request.app[CSRF].allows(request):
         return error_response(
             request, 403, "csrf", "this request must come from a page of this site"
         )
-    identity = admission.headers(
-        session,
-        upstream.prefix if upstream is not None else _SCOPE,
-        upstream.config.access if upstream is not None else None,
-        route,
-    )
+    identity = admission.headers(session, scope, rules, route)
     if identity is None:
         return forbidden(request, session, _SCOPE)
-    if not request.app[CONFIG].forward_auth.authorization:
-        identity = tuple((k, v) for k, v in identity if k != "Authorization")
-    return _allowed(identity)
+    return _allowed(_for_upstream(request, identity))
 
 
 def _original(request: web.Request) -> Original:
@@ -140,7 +158,14 @@ def _unauthenticated(request: web.Request, original: Original) -> web.Response:
     return unauthorized_json(START_PATH)
 
 
-def _allowed(identity: tuple[tuple[str, str], ...]) -> web.Response:
+def _for_upstream(request: web.Request, identity: Headers) -> Headers:
+    """The headers the front proxy copies upstream: without the token when configured so."""
+    if request.app[CONFIG].forward_auth.authorization:
+        return identity
+    return tuple((k, v) for k, v in identity if k != "Authorization")
+
+
+def _allowed(identity: Headers) -> web.Response:
     response = web.Response(status=202, headers={"Cache-Control": "no-store"})
     for name, value in identity:
         response.headers[name] = value

@@ -12,7 +12,7 @@ from sidecar.forwarding.headers import ForwardedPolicy
 from sidecar.forwarding.upstream import PathPrefixes, Router
 from sidecar.health import READINESS
 from sidecar.metrics import METRICS
-from sidecar.oidc import OIDCClient
+from sidecar.oidc import BearerVerifier, OIDCClient
 from sidecar.refresh import Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
@@ -21,6 +21,7 @@ from sidecar.web.ratelimit import ClientRateLimiter
 
 __all__ = [
     "ADMISSION",
+    "BEARER",
     "CONFIG",
     "COOKIES",
     "CSRF",
@@ -44,6 +45,7 @@ SESSIONS: Final = web.AppKey("sessions", SessionManager)
 COOKIES: Final = web.AppKey("cookies", Cookies)
 REFRESHER: Final = web.AppKey("refresher", Refresher)
 CSRF: Final = web.AppKey("csrf", CsrfPolicy)
+BEARER: Final = web.AppKey("bearer", BearerVerifier)
 # Per client address, on `/oauth2/start` (sidecar/web/ratelimit.py).
 LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.access.routes import Route
+from sidecar.errors import InvalidBearerToken
 from sidecar.forwarding.paths import PATH
-from sidecar.forwarding.upstream import is_websocket
+from sidecar.forwarding.upstream import Upstream, is_websocket
 from sidecar.logging import REQUEST_ID
 from sidecar.web.authenticate import (
     authenticate,
@@ -20,7 +22,8 @@ from sidecar.web.authenticate import (
     forbidden,
     unauthenticated,
 )
-from sidecar.web.keys import ADMISSION, CSRF, PUBLIC, REFRESHER, ROUTE, ROUTER, SESSIONS
+from sidecar.web.bearer import insufficient_scope, invalid_token, presented_token
+from sidecar.web.keys import ADMISSION, BEARER, CSRF, PUBLIC, REFRESHER, ROUTE, ROUTER, SESSIONS
 from sidecar.web.responses import error_response
 
 __all__ = ["proxy"]
@@ -50,7 +53,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
     session = await authenticate(request)
     if session is None:
-        return unauthenticated(request)
+        token = presented_token(request) if request.app[BEARER].enabled else None
+        if token is None:
+            return unauthenticated(request)
+        return await _as_machine(request, upstream, route, token, extra)
     if not request.app[CSRF].allows(request):
         return error_response(
             request, 403, "csrf", "this request must come from a page of this site"
@@ -66,4 +72,32 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         # A websocket outlives the request: it is closed when its session ends (logout).
         with request.app[SESSIONS].ending(session.h) as ended:
             return await upstream.forward(request, extra, ended=ended)
+    return await upstream.forward(request, extra)
+
+
+async def _as_machine(
+    request: web.Request,
+    upstream: Upstream,
+    route: Route | None,
+    token: str,
+    extra: list[tuple[str, str]],
+) -> web.StreamResponse:
+    """A bearer token and no session: the token's own claims decide and go upstream, with
+    the same Authorization (docs/machine-clients.md). No CSRF check: no ambient authority."""
+    try:
+        caller = await request.app[BEARER].verify(token)
+    except InvalidBearerToken as exc:
+        return invalid_token(str(exc))
+    identity = request.app[ADMISSION].bearer_headers(
+        token,
+        caller.key,
+        caller.claims,
+        caller.scopes,
+        upstream.prefix,
+        upstream.config.access,
+        route,
+    )
+    if identity is None:
+        return insufficient_scope(upstream.prefix, caller.subject)
+    extra.extend(identity)
     return await upstream.forward(request, extra)
