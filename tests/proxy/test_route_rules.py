@@ -76,6 +76,10 @@ async def site(start_sidecar: StartSidecar) -> Any:
         upstream.url,
         public_paths=[],
         upstreams=[{"path": "/api", "url": upstream.url, "rules": RULES}],
+        server={
+            **make_config().server.model_dump(mode="json"),
+            "trusted_proxies": ["127.0.0.1/32"],
+        },
     )
     sc = await start_sidecar(config)
     await ready(sc)
@@ -108,6 +112,36 @@ async def test_the_rules_matrix(site: Any) -> None:
             if got != status or reached != (status == FORWARD):
                 failures.append(f"{method} {path} as {caller}: {got} (expected {status})")
     assert not failures, "\n".join(failures)
+
+
+# Forward-auth answers 202 where the proxy forwards, and refuses a path with no single meaning
+# with 403 (a front proxy shows anything but 401/403 as its own 500).
+AS_FORWARD_AUTH = {FORWARD: 202, LOGIN: LOGIN, DENY: DENY, BAD: DENY}
+
+
+async def forward_auth_status(sc: Sidecar, method: str, path: str, cookie: str | None) -> int:
+    headers = ["Accept: application/json", f"X-Forwarded-Method: {method}"]
+    headers.append(f"X-Forwarded-Uri: {path}")
+    if cookie is not None:
+        headers.append(f"Cookie: sidecar={cookie}")
+    if method not in ("GET", "HEAD", "OPTIONS"):
+        headers.append("Origin: " + sc.config.server.public_url)
+    response = await raw_exchange(sc.url(""), raw_get("/oauth2/auth", *headers))
+    return response.status
+
+
+async def test_the_rules_matrix_through_forward_auth(site: Any) -> None:
+    """The same table, asked as nginx `auth_request` asks: the original request described by
+    X-Forwarded-Method and X-Forwarded-Uri."""
+    sc, upstream, cookies = site
+    failures = []
+    for method, path, expected in MATRIX:
+        for caller, status in expected.items():
+            got = await forward_auth_status(sc, method, path, cookies.get(caller))
+            if got != AS_FORWARD_AUTH[status]:
+                failures.append(f"{method} {path} as {caller}: {got} (expected {status})")
+    assert not failures, "\n".join(failures)
+    assert upstream.requests == []
 
 
 async def test_a_denial_names_no_internals(site: Any) -> None:
