@@ -386,6 +386,11 @@ class Router:
     def upstreams(self) -> tuple[Upstream, ...]:
         return self._by_length
 
+    @property
+    def has_rules(self) -> bool:
+        """Whether any upstream has route rules or access rules of its own."""
+        return any(u.config.rules or u.config.access for u in self._by_length)
+
     def match(self, path: str) -> Upstream | None:
         for upstream in self._by_length:
             if path_matches(path, upstream.prefix):

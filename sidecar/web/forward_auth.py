@@ -68,6 +68,14 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
     except BadPath as exc:
         return error_response(request, 403, "bad_request", str(exc))
     path = original.path
+    if path is None and request.app[ROUTER].has_rules:
+        # Rules depend on the original path: without it they cannot be applied (fail closed).
+        return error_response(
+            request,
+            403,
+            "original_request_unknown",
+            "the front proxy must send X-Forwarded-Uri (or X-Original-URI)",
+        )
     upstream = request.app[ROUTER].match(path.path) if path is not None else None
     if path is not None and (path.encoded_slash or path.params):
         refusal = upstream.refuses(path) if upstream is not None else "not routed here"

@@ -172,7 +172,8 @@ async def test_forward_auth_can_leave_out_authorization(
     sc = await ruled_site(start_sidecar, upstream_app, forward_auth={"authorization": False})
     async with browser() as s:
         await login(s, sc)
-        async with s.get(sc.url("/oauth2/auth"), allow_redirects=False) as r:
+        headers = {"X-Forwarded-Uri": "/x"}
+        async with s.get(sc.url("/oauth2/auth"), headers=headers, allow_redirects=False) as r:
             assert r.status == 202
             assert "Authorization" not in r.headers
             assert r.headers["X-Forwarded-User"] == "alice"
@@ -196,3 +197,16 @@ async def test_redirect_mode_sends_navigations_to_login_for_hosts_it_serves(
         api = {"Accept": "application/json", "X-Forwarded-Uri": "/admin/x"}
         async with s.get(sc.url("/oauth2/auth"), headers=api, allow_redirects=False) as r:
             assert r.status == 401
+
+
+async def test_without_the_original_request_rules_fail_closed(
+    start_sidecar: Any, upstream_app: Any
+) -> None:
+    """Per-upstream rules need the original path: a proxy that does not send it gets 403,
+    never an answer decided without them."""
+    sc = await ruled_site(start_sidecar, upstream_app)
+    async with browser() as s:
+        await login(s, sc, user="bob")
+        async with s.get(sc.url("/oauth2/auth"), allow_redirects=False) as r:
+            assert r.status == 403
+            assert (await r.json())["error"] == "original_request_unknown"
