@@ -34,6 +34,7 @@ from tests.support.front_proxies import (
     GUIDE_VALUES,
     NGINX_SERVER,
     FrontProxy,
+    bearer_get,
     browse_and_log_in,
     render,
     run_caddy,
@@ -127,7 +128,9 @@ async def open_site(
     app = await upstream_app(echo_app(seen=seen))
     port = free_port()
     public = f"http://127.0.0.1:{port}"
-    sections = {"forward_auth": {"redirect": True}} if kind == "caddy" else {}
+    sections: dict[str, Any] = {"bearer": {"accept_provider_tokens": True}}
+    if kind == "caddy":
+        sections["forward_auth"] = {"redirect": True}
     sidecar = await start_sidecar(sidecar_config(public, app, **sections))
     await ready(sidecar)
     values = {"__SIDECAR__": authority(sidecar.url("")), "__APP__": authority(app)}
@@ -331,6 +334,28 @@ async def test_route_rules_decide_on_the_original_path(site: Site) -> None:
         assert len(public.upstream) == 1
         assert public.echoed()["raw_path"] == "/pub/x"
         assert identity_of(public.echoed()) == {}, (who, public.echoed()["headers"])
+
+
+async def test_bearer_clients_pass_through_the_proxy_under_the_same_rules(site: Site) -> None:
+    """A machine client with the provider's access token and no cookie: the proxy asks
+    forward-auth, which validates the token, applies the rules to the token's claims and
+    answers the token back for the upstream."""
+    tokens = {}
+    for user in ("alice", "bob"):
+        answer = await send(site, "/app", await logged_in(site, user))
+        tokens[user] = header(answer.echoed(), "Authorization")[0].removeprefix("Bearer ")
+    async with browser() as s:
+        status, body = await bearer_get(s, site.proxy, "/app", tokens["alice"])
+        assert status == 200, body
+        assert header(body, "Authorization") == [f"Bearer {tokens['alice']}"]
+        assert header(body, "X-Forwarded-User") == ["alice"]
+        before = len(site.seen)
+        # The token's own claims decide: the dev IdP's access tokens carry no groups.
+        status, _ = await bearer_get(s, site.proxy, "/admin/x", tokens["alice"])
+        assert status == 403
+        status, _ = await bearer_get(s, site.proxy, "/app", "not-a-token")
+        assert status == (302 if site.kind == "nginx" else 401)  # nginx: error_page 401
+        assert len(site.seen) == before
 
 
 async def test_no_spelling_of_admin_reaches_the_upstream_for_others(site: Site) -> None:
