@@ -141,16 +141,18 @@ class Upstream:
         request: web.Request,
         extra: Iterable[tuple[str, str]] = (),
         *,
+        websocket: bool | None = None,
         ended: asyncio.Event | None = None,
     ) -> web.StreamResponse:
         """Send `request` upstream and stream the answer back; `extra` headers are added.
 
-        `ended`: for a websocket, set when its session ends; both sides are then closed
-        with 1008 (policy violation).
+        `websocket`: whether it is an upgrade, when the caller knows already. `ended`: for a
+        websocket, set when its session ends; both sides are then closed with 1008 (policy
+        violation).
         """
         headers = self._headers(request)
         headers.extend(extra)
-        if is_websocket(request):
+        if websocket if websocket is not None else is_websocket(request):
             return await self._forward_websocket(request, headers, ended)
         return await self._forward_http(request, headers)
 

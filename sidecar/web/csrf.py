@@ -16,9 +16,9 @@ from yarl import URL
 
 from sidecar.config import Config
 
-__all__ = ["CsrfPolicy"]
+__all__ = ["SAFE_METHODS", "CsrfPolicy"]
 
-_SAFE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class CsrfPolicy:
@@ -33,7 +33,7 @@ class CsrfPolicy:
         )
 
     def allows(self, request: web.BaseRequest) -> bool:
-        if not self._enabled or request.method in _SAFE:
+        if not self._enabled or request.method in SAFE_METHODS:
             return True
         headers = request.headers
         if headers.get("Sec-Fetch-Site") in ("same-origin", "none"):

@@ -26,6 +26,7 @@ from sidecar.errors import InvalidBearerToken, SessionEnded
 from sidecar.forwarding.paths import PATH, BadPath, CanonicalPath, canonical_path
 from sidecar.web.authenticate import START_PATH, authenticate, forbidden, unauthorized_json
 from sidecar.web.bearer import insufficient_scope, invalid_token, presented_token
+from sidecar.web.csrf import SAFE_METHODS
 from sidecar.web.keys import (
     ADMISSION,
     BEARER,
@@ -112,7 +113,7 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
         if identity is None:
             return insufficient_scope(_SCOPE, caller.subject)
         return _allowed(_for_upstream(request, identity))
-    if original.method not in ("GET", "HEAD", "OPTIONS") and not request.app[CSRF].allows(request):
+    if original.method not in SAFE_METHODS and not request.app[CSRF].allows(request):
         return error_response(
             request, 403, "csrf", "this request must come from a page of this site"
         )

@@ -23,6 +23,7 @@ from sidecar.web.authenticate import (
     unauthenticated,
 )
 from sidecar.web.bearer import insufficient_scope, invalid_token, presented_token
+from sidecar.web.csrf import SAFE_METHODS
 from sidecar.web.keys import ADMISSION, BEARER, CSRF, PUBLIC, REFRESHER, ROUTE, ROUTER, SESSIONS
 from sidecar.web.responses import error_response
 
@@ -44,7 +45,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     extra = [("X-Request-Id", request[REQUEST_ID])]
     if target.path in request.app[PUBLIC]:
         return await upstream.forward(request, extra)
-    route = request.app[ADMISSION].route(upstream.prefix, request.method, target.path)
+    app = request.app
+    admission = app[ADMISSION]
+    route = admission.route(upstream.prefix, request.method, target.path)
     if route is not None:
         if route.allow == "public":
             return await upstream.forward(request, extra)
@@ -57,22 +60,21 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if token is None:
             return unauthenticated(request)
         return await _as_machine(request, upstream, route, token, extra)
-    if not request.app[CSRF].allows(request):
+    method = request.method
+    if method not in SAFE_METHODS and not app[CSRF].allows(request):
         return error_response(
             request, 403, "csrf", "this request must come from a page of this site"
         )
-    session = await request.app[REFRESHER].ensure_fresh(session)
-    identity = request.app[ADMISSION].headers(
-        session, upstream.prefix, upstream.config.access, route
-    )
+    session = await app[REFRESHER].ensure_fresh(session)
+    identity = admission.headers(session, upstream.prefix, upstream.config.access, route)
     if identity is None:
         return forbidden(request, session, upstream.prefix)
     extra.extend(identity)
-    if is_websocket(request):
+    if method == "GET" and is_websocket(request):
         # A websocket outlives the request: it is closed when its session ends (logout).
-        with request.app[SESSIONS].ending(session.h) as ended:
-            return await upstream.forward(request, extra, ended=ended)
-    return await upstream.forward(request, extra)
+        with app[SESSIONS].ending(session.h) as ended:
+            return await upstream.forward(request, extra, websocket=True, ended=ended)
+    return await upstream.forward(request, extra, websocket=False)
 
 
 async def _as_machine(
