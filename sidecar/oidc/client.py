@@ -28,6 +28,7 @@ from sidecar.oidc.discovery import ProviderMetadata, parse_metadata
 from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
 from sidecar.oidc.jwks import JWKSCache
 from sidecar.oidc.logout_token import LogoutClaims, UnknownLogoutKey, validate_logout_token
+from sidecar.oidc.tokens import UnknownAccessTokenKey, UnusableAccessToken, verify_access_token
 
 __all__ = ["OIDCClient", "TokenResponse", "json_object", "read_capped"]
 
@@ -197,6 +198,34 @@ class OIDCClient:
             ),
             UnknownLogoutKey,
         )
+
+    async def access_token_claims(
+        self, token: str, *, stored: bool = False
+    ) -> dict[str, Any] | None:
+        """The claims of an access token that is the provider's own JWT: signed with its keys
+        (an unknown `kid` refetches them once, as for ID tokens), `iss` its issuer, not
+        expired. None for anything else (opaque, another issuer, bad signature, no keys):
+        such a token simply adds no claims, it is never an error. No audience check
+        (`verify_access_token`).
+
+        `stored`: a token a session already holds, verified when it came: its expiry is not
+        checked and the key set is not refetched for it.
+        """
+        try:
+            issuer = self.metadata.issuer
+            if stored:
+                keys = self.jwks.keys
+                if keys is None:
+                    return None
+                return verify_access_token(
+                    token, keys, issuer=issuer, now=self._clock(), check_expiry=False
+                )
+            return await self._with_keys(
+                lambda keys: verify_access_token(token, keys, issuer=issuer, now=self._clock()),
+                UnknownAccessTokenKey,
+            )
+        except (UnusableAccessToken, IdPUnavailable):
+            return None
 
     async def _with_keys(self, check: Callable[[KeySet], T], unknown: type[Exception]) -> T:
         """`check` against the cached signing keys; when it raises `unknown` (a `kid` not in

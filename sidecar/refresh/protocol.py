@@ -33,6 +33,7 @@ from sidecar.errors import (
 )
 from sidecar.metrics import Metrics
 from sidecar.oidc import OIDCClient
+from sidecar.oidc.tokens import is_jwt
 from sidecar.refresh.outcomes import Outcome
 from sidecar.session import Session, SessionManager, SessionRecord
 from sidecar.session.store import ENDED, FAILED, REFRESHED, Events, Locks
@@ -321,6 +322,10 @@ class Refresher:
                 validated = await self._oidc.validate_id_token(
                     tokens.id_token, expect_subject=record.subject
                 )
+            # Claims from the new access token replace the old one's (Keycloak's roles live
+            # there): both verified once per refresh, here, never per request.
+            access = await self._access_claims(tokens.access_token)
+            previous = await self._access_claims(record.access_token, stored=True)
         except TokenRequestError as exc:
             if exc.error != "invalid_grant":
                 return await self._failed(session, Outcome.REJECTED, maybe_rotated=False)
@@ -351,7 +356,13 @@ class Refresher:
             watchdog.cancel()
             await asyncio.wait({watchdog}, timeout=1.0)
 
-        updated = record.rotated(tokens, validated, requested_at)
+        updated = record.rotated(
+            tokens,
+            validated,
+            requested_at,
+            access_claims=access,
+            previous_access_claims=previous,
+        )
         if not await self._save_rotated(session, updated, lease):
             latest = await self._sessions.load(session.id)
             if latest is None:
@@ -369,6 +380,13 @@ class Refresher:
         # A late answer, kept: counted apart so operators see how often the IdP is that slow.
         late = elapsed > self._config.idp_timeout
         return session.with_record(updated), Outcome.REFRESHED_LATE if late else Outcome.REFRESHED
+
+    async def _access_claims(self, token: str, *, stored: bool = False) -> dict[str, Any] | None:
+        """The verified claims of a JWT access token of the provider; an opaque one is not
+        looked into (`OIDCClient.access_token_claims`)."""
+        if not is_jwt(token):
+            return None
+        return await self._oidc.access_token_claims(token, stored=stored)
 
     async def _save_rotated(self, session: Session, updated: SessionRecord, lease: _Lease) -> bool:
         """The fenced write of a rotated token set, tried again through a Redis outage.

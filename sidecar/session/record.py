@@ -7,11 +7,12 @@ import hashlib
 import json
 import secrets
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Self
 
 from sidecar.oidc.client import TokenResponse
-from sidecar.oidc.tokens import access_token_expiry, user_claims
+from sidecar.oidc.tokens import access_token_expiry, refreshed_claims, user_claims
 
 __all__ = ["RECORD_FORMAT", "Session", "SessionRecord", "new_session_id", "session_hash"]
 
@@ -110,18 +111,35 @@ class SessionRecord:
         )
 
     def rotated(
-        self, tokens: TokenResponse, id_claims: dict[str, Any] | None, requested_at: float
+        self,
+        tokens: TokenResponse,
+        id_claims: dict[str, Any] | None,
+        requested_at: float,
+        *,
+        access_claims: Mapping[str, Any] | None = None,
+        previous_access_claims: Mapping[str, Any] | None = None,
     ) -> SessionRecord:
         """The next version after a refresh grant: new tokens (an IdP that returns no new
-        refresh or ID token keeps the old one valid), claims from a new ID token if any, the
-        session's end moved no later by `refresh_expires_in`, and the failure backoff reset.
+        refresh or ID token keeps the old one valid), the session's end moved no later by
+        `refresh_expires_in`, and the failure backoff reset.
+
+        Claims: those of a new ID token if any over the session's (its ID-token and userinfo
+        claims stay without one), with what the old access token alone gave
+        (`previous_access_claims`, its verified claims) replaced by what the new one gives
+        (`access_claims`; None: it does not verify, and gives nothing).
         """
         refresh_expires = self.refresh_expires_at
         expires_at = self.expires_at
         if tokens.refresh_expires_in:
             refresh_expires = requested_at + tokens.refresh_expires_in
             expires_at = min(expires_at, refresh_expires)
-        claims = self.claims if id_claims is None else {**self.claims, **user_claims(id_claims)}
+        claims = refreshed_claims(
+            self.claims,
+            id_token=self.id_token,
+            previous_access=previous_access_claims,
+            id_claims=id_claims,
+            access_claims=access_claims,
+        )
         return replace(
             self,
             version=self.version + 1,

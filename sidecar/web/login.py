@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
+from sidecar.oidc.tokens import session_claims
 from sidecar.session import PendingLogin, SessionRecord
 from sidecar.web.authenticate import START_PATH, redirect, safe_return_path
 from sidecar.web.keys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
@@ -116,9 +117,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _login_failed(request, 400, "invalid_id_token", "The login could not be verified.")
 
     profile = await client.userinfo(tokens.access_token)
-    if profile is not None and profile.get("sub") == claims["sub"]:
-        # §5.3.4: userinfo is about the ID token's subject or it is ignored.
-        claims = {**profile, **claims}
+    if profile is not None and profile.get("sub") != claims["sub"]:
+        profile = None  # §5.3.4: userinfo is about the ID token's subject or it is ignored.
+    # Keycloak puts roles only in its (JWT) access token: one view over the three sources,
+    # the ID token's claims winning over userinfo's over the access token's.
+    access_claims = await client.access_token_claims(tokens.access_token)
+    claims = session_claims(claims, profile, access_claims)
     record = SessionRecord.from_login(
         tokens,
         claims,

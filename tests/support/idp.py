@@ -35,9 +35,11 @@ CLIENT_SECRET = "test-client-secret"
 class ThreadedIdP:
     """A `DevIdP` on 127.0.0.1 in its own event loop and thread, so subprocesses reach it too."""
 
-    def __init__(self, port: int, access_token_ttl: float = 300.0) -> None:
+    def __init__(self, port: int, access_token_ttl: float = 300.0, **options: Any) -> None:
+        """`options` go to `DevIdP` (users, refresh_token_ttl, revocation …)."""
         self.issuer = f"http://127.0.0.1:{port}"
-        self.idp = DevIdP(self.issuer, users=default_users(), access_token_ttl=access_token_ttl)
+        options.setdefault("users", default_users())
+        self.idp = DevIdP(self.issuer, access_token_ttl=access_token_ttl, **options)
         self._server = AppThread(self.idp.app(), port, "dev-idp")
 
     def register(self, public_url: str) -> None:

@@ -41,6 +41,7 @@ class AuthorizationRequest:
     code_challenge: str
     prompt: frozenset[str]
     login_hint: str | None
+    access_type: str | None = None  # Google's offline access (the google client shape)
 
 
 def _single(params: Params, name: str) -> str | None:
@@ -97,6 +98,9 @@ def validate_request(params: Params, client: DevClient, redirect_uri: str) -> Au
     prompt = frozenset((_single(params, "prompt") or "").split())
     if not prompt <= PROMPTS or ("none" in prompt and len(prompt) > 1):
         raise InvalidRequest("invalid prompt")
+    access_type = _single(params, "access_type")
+    if access_type not in (None, "online", "offline"):
+        raise InvalidRequest("access_type must be online or offline")
     return AuthorizationRequest(
         client_id=client.client_id,
         redirect_uri=redirect_uri,
@@ -106,4 +110,5 @@ def validate_request(params: Params, client: DevClient, redirect_uri: str) -> Au
         code_challenge=challenge,
         prompt=prompt,
         login_hint=_single(params, "login_hint"),
+        access_type=access_type,
     )

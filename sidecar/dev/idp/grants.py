@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sidecar.dev.idp.errors import CodeReplayed, InvalidGrant, RefreshTokenReused
 
-__all__ = ["AuthorizationCode", "GrantFamily", "GrantStore", "IdPSession"]
+__all__ = ["AuthorizationCode", "GrantFamily", "GrantStore", "IdPSession", "opaque_key"]
 
 CODE_TTL = 60.0  # RFC 6749 §4.1.2: "a maximum authorization code lifetime of 10 minutes is
 # RECOMMENDED"; shorter is stricter
@@ -23,6 +23,11 @@ CODE_TTL = 60.0  # RFC 6749 §4.1.2: "a maximum authorization code lifetime of 1
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def opaque_key(token: str) -> str:
+    """Where an opaque access token is remembered among the JWTs' `jti`s."""
+    return "opaque:" + _digest(token)
 
 
 def _new_token() -> str:
@@ -53,6 +58,7 @@ class AuthorizationCode:
     expires_at: float
     used: bool = False
     family_id: str | None = None
+    offline: bool = True  # refresh tokens may be issued for this grant
 
 
 @dataclass
@@ -66,6 +72,7 @@ class GrantFamily:
     scope: str
     auth_time: int
     revoked: bool = False
+    offline: bool = True  # refresh tokens may be issued
 
 
 @dataclass
@@ -81,6 +88,7 @@ class _AccessRecord:
     client_id: str
     expires_at: float
     revoked: bool = False
+    scope: str | None = None  # None: read from the JWT's `scope` claim
 
 
 @dataclass
@@ -94,6 +102,8 @@ class GrantStore:
     _families: dict[str, GrantFamily] = field(default_factory=dict)
     _refresh: dict[str, _RefreshRecord] = field(default_factory=dict)
     _access: dict[str, _AccessRecord] = field(default_factory=dict)  # by jti
+    # (client_id, sub) that were given offline access once (Google's consent memory).
+    offline_consents: set[tuple[str, str]] = field(default_factory=set)
 
     # --- IdP sessions -------------------------------------------------------------------
 
@@ -140,8 +150,10 @@ class GrantStore:
         scope: str,
         nonce: str | None,
         session: IdPSession,
+        offline: bool = True,
     ) -> str:
-        """A new one-use code valid for CODE_TTL seconds."""
+        """A new one-use code valid for CODE_TTL seconds; `offline`: refresh tokens may come
+        of it."""
         self._prune()
         code = _new_token()
         self._codes[_digest(code)] = AuthorizationCode(
@@ -154,6 +166,7 @@ class GrantStore:
             sid=session.sid,
             auth_time=session.auth_time,
             expires_at=self.clock() + CODE_TTL,
+            offline=offline,
         )
         return code
 
@@ -182,6 +195,7 @@ class GrantStore:
             sid=code.sid,
             scope=code.scope,
             auth_time=code.auth_time,
+            offline=code.offline,
         )
         self._families[family.id] = family
         code.family_id = family.id
@@ -193,8 +207,9 @@ class GrantStore:
         self._refresh[_digest(token)] = _RefreshRecord(family.id, self.clock() + ttl)
         return token
 
-    def use_refresh_token(self, token: str, client_id: str) -> GrantFamily:
-        """Spend a refresh token; a second presentation revokes its family (reuse detection)."""
+    def use_refresh_token(self, token: str, client_id: str, *, rotate: bool = True) -> GrantFamily:
+        """Spend a refresh token; a second presentation revokes its family (reuse detection).
+        `rotate=False`: the token stays valid for further refreshes (Google, Entra ID)."""
         record = self._refresh.get(_digest(token))
         family = self._families.get(record.family_id) if record else None
         if record is None or family is None or family.client_id != client_id:
@@ -206,7 +221,8 @@ class GrantStore:
             raise RefreshTokenReused("refresh token already used; the grant is revoked")
         if self.clock() >= record.expires_at:
             raise InvalidGrant("refresh token expired")
-        record.used = True
+        if rotate:
+            record.used = True
         return family
 
     def family_of_refresh_token(self, token: str) -> GrantFamily | None:
@@ -220,14 +236,28 @@ class GrantStore:
 
     # --- access tokens ------------------------------------------------------------------
 
-    def record_access_token(self, jti: str, family: GrantFamily, expires_at: float) -> None:
-        """Remember an issued access token so it can be revoked (RFC 7009 §2)."""
-        self._access[jti] = _AccessRecord(family.id, family.client_id, expires_at)
+    def record_access_token(
+        self, jti: str, family: GrantFamily, expires_at: float, scope: str | None = None
+    ) -> None:
+        """Remember an issued access token so it can be revoked (RFC 7009 §2); `scope` for a
+        token that does not carry its own (opaque, or `scp` in another form)."""
+        self._access[jti] = _AccessRecord(family.id, family.client_id, expires_at, scope=scope)
+
+    def issue_opaque_access_token(self, family: GrantFamily, expires_at: float, scope: str) -> str:
+        """A new opaque access token (Google's), remembered by its digest."""
+        token = "ya29." + _new_token()
+        self.record_access_token(opaque_key(token), family, expires_at, scope)
+        return token
+
+    def access_token_scope(self, jti: str) -> str | None:
+        """The scope recorded with an access token, if it was recorded with one."""
+        record = self._access.get(jti)
+        return None if record is None else record.scope
 
     def access_token_family(self, jti: str) -> GrantFamily | None:
-        """The family of a live (unrevoked) access token, else None."""
+        """The family of a live (unrevoked, unexpired) access token, else None."""
         record = self._access.get(jti)
-        if record is None or record.revoked:
+        if record is None or record.revoked or self.clock() >= record.expires_at:
             return None
         family = self._families.get(record.family_id)
         return None if family is None or family.revoked else family

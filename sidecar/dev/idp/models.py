@@ -4,11 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
 from yarl import URL
 
-__all__ = ["DevClient", "DevIdPStats", "DevUser", "default_users"]
+__all__ = ["SHAPES", "ClientShape", "DevClient", "DevIdPStats", "DevUser", "default_users"]
+
+# Whose tokens a client gets (docs/identity-providers.md has the sidecar's recipe for each):
+#
+# - default: groups in the ID token and userinfo, a refresh token on every code exchange,
+#   rotated on each refresh with reuse detection, `refresh_expires_in` in token answers.
+# - keycloak: as default, but the user's groups are realm roles in the access token only
+#   (`realm_access.roles`), their roles client roles (`resource_access.<client_id>.roles`);
+#   the access token's `aud` is "account".
+# - okta: a refresh token only with the `offline_access` scope; the access token carries
+#   `scp` (a list) and `sub` = the login name; no `refresh_expires_in`.
+# - google: an opaque access token; a refresh token only for `access_type=offline`, and on a
+#   repeated login only with `prompt=consent`; refreshes do not rotate (no new refresh token,
+#   the old one stays valid); no groups; no `refresh_expires_in`.
+# - entra: `groups` as object ids in the ID token, or, past `group_overage` groups, only the
+#   `_claim_names`/`_claim_sources` pointer to Graph ("group overage"); app roles in `roles`;
+#   no `email_verified`; an access token for another resource (Graph, another issuer); a
+#   refresh token only with `offline_access`, a new one on each refresh, the old one kept
+#   valid; no `refresh_expires_in`.
+ClientShape = Literal["default", "keycloak", "okta", "google", "entra"]
+SHAPES: Final = frozenset(get_args(ClientShape))
 
 
 @dataclass(frozen=True)
@@ -20,8 +40,12 @@ class DevClient:
     client_secret: str | None
     redirect_uris: tuple[str, ...]
     post_logout_redirect_uris: tuple[str, ...] = ()
+    shape: ClientShape = "default"
+    group_overage: int = 3  # entra: more groups than this leave only the Graph pointer
 
     def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"client {self.client_id!r}: unknown shape {self.shape!r}")
         # RFC 6749 §3.1.2: absolute URI, no fragment; compared by exact string match.
         for uri in (*self.redirect_uris, *self.post_logout_redirect_uris):
             url = URL(uri)
@@ -32,19 +56,24 @@ class DevClient:
         secret = "None" if self.client_secret is None else "'***'"
         return (
             f"DevClient(client_id={self.client_id!r}, client_secret={secret}, "
-            f"redirect_uris={self.redirect_uris!r})"
+            f"redirect_uris={self.redirect_uris!r}, shape={self.shape!r})"
         )
 
 
 @dataclass(frozen=True)
 class DevUser:
-    """A user the login page offers; `extra` claims go into ID tokens and userinfo as is."""
+    """A user the login page offers; `extra` claims go into ID tokens and userinfo as is.
+
+    `roles` are application roles, released by the keycloak shape as client roles and by the
+    entra shape as app roles (`roles`); the default shape ignores them.
+    """
 
     sub: str
     email: str
     name: str
     groups: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    roles: tuple[str, ...] = ()
 
 
 def default_users() -> tuple[DevUser, ...]:

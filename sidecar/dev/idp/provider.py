@@ -55,17 +55,18 @@ from sidecar.dev.idp.errors import (
     TemporarilyUnavailable,
     UnsupportedGrantType,
 )
-from sidecar.dev.idp.grants import GrantFamily, GrantStore, IdPSession
+from sidecar.dev.idp.grants import GrantFamily, GrantStore, IdPSession, opaque_key
 from sidecar.dev.idp.keys import ALGORITHM, SigningKeys
 from sidecar.dev.idp.models import DevClient, DevIdPStats, DevUser, default_users
 from sidecar.dev.idp.pages import error_page, logged_out_page, login_page
 from sidecar.dev.idp.tokens import (
     ACCESS_TOKEN_TYP,
     LOGOUT_TOKEN_TYP,
-    access_token_claims,
+    entra_graph_issuer,
     id_token_claims,
     logout_token_claims,
-    user_claims,
+    shaped_access_token_claims,
+    userinfo_claims,
 )
 
 __all__ = ["DevIdP", "GarbageKind"]
@@ -95,7 +96,9 @@ class DevIdP:
 
     Refresh tokens are issued on every code exchange, whether or not `offline_access` was
     requested (as Keycloak does); each refresh rotates them (RFC 9700 §4.14.2) with no grace
-    period, so presenting a used one revokes the whole grant.
+    period, so presenting a used one revokes the whole grant. A client's `shape` changes
+    that, and the tokens' layout, to another provider's (models.py). `revocation=False`
+    leaves the revocation endpoint out of discovery and answers 404 there (Entra ID has none).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class DevIdP:
         access_token_ttl: float = 60.0,
         refresh_token_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        revocation: bool = True,
     ) -> None:
         url = URL(issuer)
         # OIDC Discovery §3: https (http for loopback dev use), no query, no fragment.
@@ -126,6 +130,7 @@ class DevIdP:
         }
         self.access_token_ttl = access_token_ttl
         self.refresh_token_ttl = refresh_token_ttl
+        self.revocation = revocation
         self.token_endpoint_delay = 0.0
         self.token_endpoint_failures = 0
         # The next N answers are unparsable 200s: "html", a proxy's page in place of the
@@ -213,6 +218,12 @@ class DevIdP:
 
     async def _discovery(self, request: web.Request) -> web.Response:
         """OIDC Discovery 1.0 §3 metadata."""
+        revocation: dict[str, Any] = {}
+        if self.revocation:
+            revocation = {
+                "revocation_endpoint": self.endpoint("revoke"),
+                "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
+            }
         return web.json_response(
             {
                 "issuer": self.issuer,
@@ -220,7 +231,7 @@ class DevIdP:
                 "token_endpoint": self.endpoint("token"),
                 "userinfo_endpoint": self.endpoint("userinfo"),
                 "jwks_uri": self.endpoint("jwks"),
-                "revocation_endpoint": self.endpoint("revoke"),
+                **revocation,
                 "end_session_endpoint": self.endpoint("end_session"),
                 "response_types_supported": ["code"],
                 "response_modes_supported": ["query"],
@@ -229,7 +240,6 @@ class DevIdP:
                 "code_challenge_methods_supported": ["S256"],
                 "id_token_signing_alg_values_supported": [ALGORITHM],
                 "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
-                "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
                 "scopes_supported": list(SCOPES_SUPPORTED),
                 "claims_supported": list(_CLAIMS_SUPPORTED),
                 "prompt_values_supported": ["none", "login", "consent", "select_account"],
@@ -276,6 +286,7 @@ class DevIdP:
             scope=auth.scope,
             nonce=auth.nonce,
             session=session,
+            offline=self._offline(client, auth, session.sub),
         )
         self.stats.authorizations += 1
         log.info(
@@ -292,6 +303,21 @@ class DevIdP:
                 secure=self._secure_cookie,
             )
         return response
+
+    def _offline(self, client: DevClient, auth: AuthorizationRequest, sub: str) -> bool:
+        """Whether the grant gets refresh tokens, as the client's shape's provider decides."""
+        if client.shape in ("okta", "entra"):
+            return "offline_access" in auth.scope.split()
+        if client.shape == "google":
+            # Offline access when asked for; on a later login only with a new consent.
+            if auth.access_type != "offline":
+                return False
+            consents = self._grants.offline_consents
+            key = (client.client_id, sub)
+            if key in consents and "consent" not in auth.prompt:
+                return False
+            consents.add(key)
+        return True
 
     def _authenticate(
         self, request: web.Request, params: Params, auth: AuthorizationRequest
@@ -384,7 +410,7 @@ class DevIdP:
             raise InvalidGrant("PKCE verification failed")
         family = self._grants.start_family(record)
         self.stats.code_exchanges += 1
-        return self._issue(family, family.scope, nonce=record.nonce)
+        return self._issue(client, family, family.scope, nonce=record.nonce)
 
     def _refresh_grant(self, form: Params, client: DevClient) -> dict[str, Any]:
         """RFC 6749 §6 with rotation and reuse detection (RFC 9700 §4.14.2)."""
@@ -396,8 +422,10 @@ class DevIdP:
             if not set(requested.split()) <= set(known.scope.split()):
                 raise InvalidScope("a refresh may only narrow the original scope")  # RFC 6749 §6
             scope = requested
+        # Google and Entra ID keep a refresh token valid after use; the others rotate.
+        rotate = client.shape not in ("google", "entra")
         try:
-            family = self._grants.use_refresh_token(token, client.client_id)
+            family = self._grants.use_refresh_token(token, client.client_id, rotate=rotate)
         except RefreshTokenReused:
             self.stats.reuse_detected += 1
             log.warning(
@@ -406,30 +434,47 @@ class DevIdP:
             )
             raise
         self.stats.refresh_grants += 1
-        return self._issue(family, scope, nonce=None)
+        return self._issue(client, family, scope, nonce=None, refresh=True)
 
-    def _issue(self, family: GrantFamily, scope: str, *, nonce: str | None) -> dict[str, Any]:
-        """RFC 6749 §5.1 response with an RFC 9068 access token and an OIDC ID token."""
+    def _issue(
+        self,
+        client: DevClient,
+        family: GrantFamily,
+        scope: str,
+        *,
+        nonce: str | None,
+        refresh: bool = False,
+    ) -> dict[str, Any]:
+        """RFC 6749 §5.1 response with an access token (RFC 9068, or opaque for the google
+        shape) and an OIDC ID token; the refresh token and its lifetime as the shape has it."""
         user = self.users.get(family.sub)
         if user is None:
             raise InvalidGrant("the user no longer exists")
+        shape = client.shape
         now = int(self._clock())
         ttl = max(1, int(self.access_token_ttl))
-        jti = secrets.token_urlsafe(16)
-        access_token = self._keys.sign(
-            access_token_claims(
-                issuer=self.issuer,
-                sub=family.sub,
-                client_id=family.client_id,
-                scope=scope,
-                sid=family.sid,
-                jti=jti,
-                now=now,
-                ttl=ttl,
-            ),
-            typ=ACCESS_TOKEN_TYP,
-        )
-        self._grants.record_access_token(jti, family, now + ttl)
+        if shape == "google":
+            access_token = self._grants.issue_opaque_access_token(family, now + ttl, scope)
+        else:
+            jti = secrets.token_urlsafe(16)
+            access_token = self._keys.sign(
+                shaped_access_token_claims(
+                    shape=shape,
+                    issuer=self.issuer,
+                    user=user,
+                    client_id=family.client_id,
+                    scope=scope,
+                    sid=family.sid,
+                    jti=jti,
+                    now=now,
+                    ttl=ttl,
+                    auth_time=family.auth_time,
+                ),
+                typ=ACCESS_TOKEN_TYP,
+            )
+            self._grants.record_access_token(
+                jti, family, now + ttl, None if shape == "default" else scope
+            )
         id_token = self._keys.sign(
             id_token_claims(
                 issuer=self.issuer,
@@ -442,17 +487,23 @@ class DevIdP:
                 access_token=access_token,
                 now=now,
                 ttl=ttl,
+                shape=shape,
+                group_overage=client.group_overage,
             )
         )
-        return {
+        body: dict[str, Any] = {
             "access_token": access_token,
             "token_type": "Bearer",
             "expires_in": ttl,
-            "refresh_token": self._grants.issue_refresh_token(family, self.refresh_token_ttl),
-            "refresh_expires_in": int(self.refresh_token_ttl),
             "id_token": id_token,
             "scope": scope,
         }
+        # Google answers a refresh without a refresh token: the one presented stays valid.
+        if family.offline and not (refresh and shape == "google"):
+            body["refresh_token"] = self._grants.issue_refresh_token(family, self.refresh_token_ttl)
+            if shape in ("default", "keycloak"):
+                body["refresh_expires_in"] = int(self.refresh_token_ttl)
+        return body
 
     # --- /userinfo ----------------------------------------------------------------------
 
@@ -460,16 +511,24 @@ class DevIdP:
         """OIDC Core §5.3 behind an RFC 6750 bearer token."""
         self.stats.userinfo_calls += 1
         try:
-            claims = self._check_access_token(await _bearer_token(request))
-            family = self._grants.access_token_family(str(claims.get("jti")))
+            token = await _bearer_token(request)
+            key = opaque_key(token)
+            scope = self._grants.access_token_scope(key)
+            if scope is None:  # not an opaque token of ours: a JWT, checked first
+                claims = self._check_access_token(token)
+                key = str(claims.get("jti"))
+                scope = self._grants.access_token_scope(key) or str(claims.get("scope", ""))
+            family = self._grants.access_token_family(key)
             if family is None:
-                raise InvalidToken("access token revoked")
-            scopes = frozenset(str(claims.get("scope", "")).split())
+                raise InvalidToken("access token revoked or expired")
+            scopes = frozenset(scope.split())
             if "openid" not in scopes:
                 raise InsufficientScope("the openid scope is required")
             user = self.users.get(family.sub)
             if user is None:
                 raise InvalidToken("the user no longer exists")
+            client = self._clients.get(family.client_id)
+            shape = "default" if client is None else client.shape
         except OAuthError as exc:
             challenge = 'Bearer realm="devidp"'
             if not isinstance(exc, _MissingToken):
@@ -479,7 +538,7 @@ class DevIdP:
             return web.json_response(
                 body, status=exc.status, headers={**_NO_STORE, "WWW-Authenticate": challenge}
             )
-        return web.json_response(user_claims(user, scopes), headers=_NO_STORE)
+        return web.json_response(userinfo_claims(user, scopes, shape), headers=_NO_STORE)
 
     def _check_access_token(self, token: str) -> dict[str, Any]:
         """Signature against the JWKS, RFC 9068 typ, issuer and expiry from the clock."""
@@ -491,7 +550,8 @@ class DevIdP:
             raise InvalidToken("not an access token")
         registry = JWTClaimsRegistry(
             now=lambda: int(self._clock()),
-            iss={"essential": True, "value": self.issuer},
+            # The entra shape's tokens are Graph's, of another issuer (signed here all the same).
+            iss={"essential": True, "values": [self.issuer, entra_graph_issuer()]},
             exp={"essential": True},
             jti={"essential": True},
         )
@@ -508,6 +568,8 @@ class DevIdP:
     async def _revoke(self, request: web.Request) -> web.Response:
         """RFC 7009 §2: a refresh token takes its whole grant with it; unknown tokens, and
         tokens of other clients, are answered 200 and left alone (§2.2)."""
+        if not self.revocation:
+            raise web.HTTPNotFound()
         try:
             form = await _form(request)
             client = authenticate_client(request.headers.get("Authorization"), form, self._clients)
@@ -527,6 +589,8 @@ class DevIdP:
                 return False
             self._grants.revoke_family(family)
             return True
+        if self._grants.access_token_scope(opaque_key(token)) is not None:
+            return self._grants.revoke_access_token(opaque_key(token), client.client_id)
         try:
             decoded = self._keys.verify(token)
         except (JoseError, ValueError):
