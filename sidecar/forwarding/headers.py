@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
+from typing import Final
 
 from aiohttp import web
 
@@ -86,22 +87,36 @@ def _connection_tokens(values: Iterable[str]) -> frozenset[str]:
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
+_PEERS_KEPT: Final = 4096  # peer addresses whose trust is remembered
+
+
 class ForwardedPolicy:
     """Decides whether a peer's `X-Forwarded-*` headers are believed."""
 
-    __slots__ = ("_networks",)
+    __slots__ = ("_known", "_networks")
 
     def __init__(self, trusted_proxies: Iterable[str]) -> None:
         self._networks = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+        # Answers per peer address: parsing an address costs ~8 µs, on every request
+        # (bench/README.md, issue 16). Bounded: emptied when full.
+        self._known: dict[str, bool] = {}
 
     def trusts(self, peer: str | None) -> bool:
         if not self._networks or not peer:
             return False
+        known = self._known.get(peer)
+        if known is not None:
+            return known
         try:
             address = ipaddress.ip_address(peer)
         except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+            trusted = False
+        else:
+            trusted = any(address in network for network in self._networks)
+        if len(self._known) >= _PEERS_KEPT:
+            self._known.clear()
+        self._known[peer] = trusted
+        return trusted
 
     def client_ip(self, request: web.BaseRequest) -> str:
         """The address of the client: the peer, or behind trusted proxies the right-most

@@ -160,3 +160,17 @@ def test_client_ip(peer: str, xff: str, client: str) -> None:
     """The right-most X-Forwarded-For hop that is not a trusted proxy, behind trusted ones."""
     headers = [("X-Forwarded-For", xff)] if xff else []
     assert TRUSTED.client_ip(request(peer, *headers)) == client
+
+
+def test_trust_answers_are_remembered_and_stay_right() -> None:
+    """The per-peer memory gives the same answers as computing afresh, and stays bounded."""
+    from sidecar.forwarding.headers import ForwardedPolicy
+
+    policy = ForwardedPolicy(["10.0.0.0/8", "::1/128"])
+    for _ in range(2):
+        assert policy.trusts("10.1.2.3") and policy.trusts("::1")
+        assert not policy.trusts("11.0.0.1") and not policy.trusts("not-an-address")
+        assert not policy.trusts("") and not policy.trusts(None)
+    for i in range(5000):
+        assert policy.trusts(f"10.0.{i // 256}.{i % 256}")
+    assert len(policy._known) <= 4096
