@@ -1,7 +1,7 @@
 """Side-by-side proxy benchmark (issue 7): one command, one run, alternating rows, one table.
 
     .venv/bin/python bench/proxy.py [--duration 10] [--connections 50] [--rounds 2]
-                                    [--baseline GIT_REF]
+                                    [--baseline GIT_REF] [--rows bearer,rules,nginx]
 
 Everything listens on 127.0.0.1 on free ports and is stopped at exit:
 
@@ -18,6 +18,19 @@ With `--baseline REF` (a commit, tag or branch of this repository) a 1-worker si
 from that commit's source runs beside today's, its public and authenticated rows alternating
 with the current code's in every round: the cost of a change, measured in one run.
 
+With `--rows` (issue 16), more rows alternate with the others in every round:
+
+* `bearer`: the 1-worker sidecar with `bearer.accept_provider_tokens`, called with
+  `Authorization: Bearer <the dev IdP's access token>` and no cookie, beside the same
+  sidecar's cookie-authenticated row;
+* `rules`: a 1-worker sidecar like it whose upstream has 20 route rules (19 that do not match
+  the path, then `/**` authenticated), cookie-authenticated, beside the rule-less one;
+* `nginx`: nginx with `auth_request` to the 1-worker sidecar's `/oauth2/auth` in front of the
+  upstream, beside the plain nginx reverse proxy.
+
+With any of them the 1-worker sidecar also gets `server.trusted_proxies: [127.0.0.1/32]` and
+`bearer.accept_provider_tokens: true`; without `--rows` nothing changes.
+
 Besides req/s and latency, each proxy's CPU time per request (its process tree, from psutil)
 is reported: on a shared 2-core machine it is steadier than throughput.
 
@@ -31,6 +44,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import json
 import os
 import re
 import resource
@@ -63,7 +77,15 @@ TARGETS = {
     "w2_vs_nginx": 0.25,  # 2 workers ≥ 0.25 x nginx reverse proxy
     "p99_added_ms": 1.0,  # sidecar p99 - bare proxy p99 ≤ 1 ms
     "redis_extra_bytes": 200,  # Redis bytes per session ≤ raw token bytes + 200
+    "bearer_vs_cookie": 0.9,  # issue 16: bearer JWT ≥ 0.9 x cookie-authenticated
+    "rules_vs_none": 0.95,  # issue 16: 20 rules ≥ 0.95 x no rules
 }
+EXTRA_ROWS = ("bearer", "rules", "nginx")  # `--rows`: issue 16's rows
+RULES = 20  # route rules on the `rules` row's upstream; the last one matches
+AUTH_ROW = "sidecar authenticated (1 worker)"
+BEARER_ROW = "sidecar bearer JWT (1 worker)"
+RULES_ROW = f"sidecar authenticated, {RULES} rules (1 worker)"
+NGINX_AUTH_ROW = "nginx + auth_request + sidecar (1 worker)"
 
 
 def free_port() -> int:
@@ -231,10 +253,50 @@ http {{
 """
 
 
-def start_nginx(procs: Procs, name: str, port: int, proxy_to: str | None) -> int:
+# `--rows nginx`: the reverse proxy's location behind an `auth_request` to the sidecar's
+# forward-auth endpoint, which decides on the original method and URI (the sidecar trusts
+# 127.0.0.1) and answers the headers nginx copies upstream. Keep-alive to both.
+NGINX_AUTH_LOCATIONS = """
+        location = /_auth {
+            internal;
+            proxy_pass http://sidecar/oauth2/auth;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Method $request_method;
+            proxy_set_header X-Forwarded-Uri $request_uri;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }
+        location / {
+            auth_request /_auth;
+            auth_request_set $auth_user $upstream_http_x_forwarded_user;
+            auth_request_set $auth_authorization $upstream_http_authorization;
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-User $auth_user;
+            proxy_set_header Authorization $auth_authorization;
+        }
+"""
+
+
+def start_nginx(
+    procs: Procs, name: str, port: int, proxy_to: str | None, auth_via: str | None = None
+) -> int:
+    """nginx answering the static body (`proxy_to` None) or proxying to `proxy_to`; with
+    `auth_via` (the sidecar's host:port), each request first asks its `/oauth2/auth`."""
     prefix = procs.tmp / name
     prefix.mkdir()
-    if proxy_to is None:
+    if proxy_to is not None and auth_via is not None:
+        upstream_block = (
+            f"upstream backend {{ server {proxy_to}; keepalive 64; }}\n"
+            f"    upstream sidecar {{ server {auth_via}; keepalive 64; }}"
+        )
+        location = NGINX_AUTH_LOCATIONS
+    elif proxy_to is None:
         upstream_block = ""
         location = (
             "location / { default_type text/plain; return 200 '" + BODY.rstrip("\n") + "\\n'; }"
@@ -391,11 +453,13 @@ def start_sidecar(
     source: Path | None = None,
     launcher: tuple[str, ...] = (),
     start_timeout: float = 30,
+    extra_config: dict[str, Any] | None = None,
     **session_options: Any,
 ) -> Sidecar:
     """`source`: a checkout whose `sidecar` package runs instead of this one (`-m` imports
     from the working directory first). `launcher`: a command the interpreter runs under
-    (bench/instructions.py uses valgrind's callgrind)."""
+    (bench/instructions.py uses valgrind's callgrind). `extra_config`: sections merged into
+    the configuration (a mapping updates the section's mapping, anything else replaces it)."""
     import yaml
 
     key = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -424,6 +488,11 @@ def start_sidecar(
         "logging": {"level": "warning", "access_log": False},
     }
     config["redis"] = {"url": REDIS_URL, "key_prefix": prefix}
+    for section, value in (extra_config or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **value}
+        else:
+            config[section] = value
     path = procs.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     argv = [*launcher, sys.executable, "-m", "sidecar", "run", "--config", str(path)]
@@ -532,21 +601,23 @@ def wrk(
     connections: int,
     duration: float,
     headers: list[str],
-    pid: int | None = None,
+    pid: int | tuple[int, ...] | None = None,
     upstream_pid: int | None = None,
 ) -> Result:
-    """One wrk run; with `pid`, also that proxy's CPU microseconds per request, and what
-    wrk and the upstream (`upstream_pid`) spent per request beside it."""
+    """One wrk run; with `pid`, also that proxy's CPU microseconds per request (of several
+    process trees when `pid` is a tuple: nginx and the sidecar it asks), and what wrk and the
+    upstream (`upstream_pid`) spent per request beside it."""
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     for h in headers:
         argv += ["-H", h]
-    before = cpu_seconds(pid) if pid else 0.0
+    pids = pid if isinstance(pid, tuple) else (pid,) if pid else ()
+    before = sum(cpu_seconds(p) for p in pids)
     others_before = others_cpu_seconds(upstream_pid)
     out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
     others = others_cpu_seconds(upstream_pid)
     result = parse_wrk(out)
-    if pid and result.requests:
-        result.cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
+    if pids and result.requests:
+        result.cpu_us = (sum(cpu_seconds(p) for p in pids) - before) / result.requests * 1e6
         result.others_us = (others - others_before) / result.requests * 1e6
     return result
 
@@ -586,6 +657,14 @@ class SessionBytes:
 
 def redis_bytes_per_session(prefix: str, cookie: str, key: str) -> SessionBytes:
     """Open the bench session's record with its key: Redis bytes against raw token bytes."""
+    used, sealed, record = open_session(prefix, cookie, key)
+    tokens = sum(len(t or "") for t in (record.access_token, record.refresh_token, record.id_token))
+    return SessionBytes(used, sealed, tokens)
+
+
+def open_session(prefix: str, cookie: str, key: str) -> tuple[int, int, Any]:
+    """The bench session's record, opened with the sidecar's key: (MEMORY USAGE of its key,
+    sealed bytes, the `SessionRecord`)."""
     import redis
 
     from sidecar.session import Keyring, SessionRecord, session_hash
@@ -603,9 +682,7 @@ def redis_bytes_per_session(prefix: str, cookie: str, key: str) -> SessionBytes:
         raise RuntimeError("the bench session is not in Redis")
     sealed = value.partition(b":")[2]  # `<version>:<sealed record>`
     plain, _ = Keyring.from_base64([key]).open(session_id.encode(), h.encode(), sealed)
-    record = SessionRecord.from_bytes(plain)
-    tokens = sum(len(t or "") for t in (record.access_token, record.refresh_token, record.id_token))
-    return SessionBytes(used, len(sealed), tokens)
+    return used, len(sealed), SessionRecord.from_bytes(plain)
 
 
 def redis_cleanup(prefix: str) -> None:
@@ -623,6 +700,111 @@ def redis_cleanup(prefix: str) -> None:
             r.unlink(*batch)
     finally:
         r.close()
+
+
+# --- issue 16's rows -----------------------------------------------------------------------
+
+
+def token_lifetime(token: str) -> float:
+    """Seconds until a JWT's `exp` (read, not verified: the sidecar verifies it)."""
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return float(claims["exp"]) - time.time()
+
+
+def answer(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    """Status and headers of one GET that asks for JSON (no login redirect)."""
+    req = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def check_issue16(
+    extra: set[str], rows: list[tuple[str, str, list[str], Any]], sc1_base: str, cookie: str
+) -> None:
+    """Each new row measures what it says: the 200s it got came through the check it names."""
+    row = {name: (url, dict(h.split(": ", 1) for h in headers)) for name, url, headers, _ in rows}
+    failures = []
+    if "bearer" in extra:
+        url, headers = row[BEARER_ROW]
+        token = headers["Authorization"].removeprefix("Bearer ")
+        head, _, signature = token.rpartition(".")
+        flipped = signature[:8] + ("A" if signature[8] != "A" else "B") + signature[9:]
+        for what, sent, expect in (
+            ("no token", {}, 401),
+            ("a bad signature", {"Authorization": f"Bearer {head}.{flipped}"}, 401),
+        ):
+            got = answer(url, sent)[0]
+            if got != expect:
+                failures.append(f"{BEARER_ROW}: {what} answered {got}, expected {expect}")
+    if "rules" in extra:
+        url, headers = row[RULES_ROW]
+        base = url.removesuffix("/private/bench")
+        got = answer(base + "/r1/x", headers)[0]  # rule 1: group-1, which alice is not in
+        if got != 403:
+            failures.append(f"{RULES_ROW}: /r1/x answered {got}, expected 403 from rule 1")
+    if "nginx" in extra:
+        url, _ = row[NGINX_AUTH_ROW]
+        got = answer(url, {})[0]
+        if got != 401:
+            failures.append(f"{NGINX_AUTH_ROW}: no cookie answered {got}, expected 401")
+        status, headers = answer(
+            sc1_base + "/oauth2/auth",
+            {"Cookie": cookie, "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/private/bench"},
+        )
+        if status != 202 or not headers.get("Authorization", "").startswith("Bearer "):
+            failures.append(f"/oauth2/auth answered {status} without a bearer Authorization")
+        if not headers.get("X-Forwarded-User"):
+            failures.append("/oauth2/auth answered no X-Forwarded-User")
+    if failures:
+        raise RuntimeError("issue 16 rows: " + "; ".join(failures))
+
+
+def issue16_lines(
+    extra: set[str], results: dict[str, list[Result]], best: dict[str, Result]
+) -> list[str]:
+    """Each new row against its pair: best round, every round, CPU, target."""
+
+    def pair(new: str, old: str) -> str:
+        rounds = ", ".join(
+            f"{n.rps / o.rps:.2f}x" for n, o in zip(results[new], results[old], strict=True)
+        )
+        cpu = "—"
+        if best[new].cpu_us is not None and best[old].cpu_us is not None:
+            cpu = f"{best[old].cpu_us:.0f} → {best[new].cpu_us:.0f}"
+        return (
+            f"{best[new].rps / best[old].rps:.2f}x req/s (round by round: {rounds}); "
+            f"CPU µs/request {cpu}"
+        )
+
+    def verdict(new: str, old: str, target: float) -> str:
+        return "met" if best[new].rps / best[old].rps >= target else "NOT met"
+
+    lines = []
+    if "bearer" in extra:
+        lines.append(
+            f"bearer JWT ≥ {TARGETS['bearer_vs_cookie']} x cookie-authenticated (1 worker): "
+            f"{pair(BEARER_ROW, AUTH_ROW)} — "
+            f"{verdict(BEARER_ROW, AUTH_ROW, TARGETS['bearer_vs_cookie'])}"
+        )
+    if "rules" in extra:
+        lines.append(
+            f"{RULES} route rules ≥ {TARGETS['rules_vs_none']} x no rules (cookie, 1 worker): "
+            f"{pair(RULES_ROW, AUTH_ROW)} — "
+            f"{verdict(RULES_ROW, AUTH_ROW, TARGETS['rules_vs_none'])}"
+        )
+    if "nginx" in extra:
+        lines.append(
+            f"nginx + auth_request + sidecar / plain nginx reverse proxy: "
+            f"{pair(NGINX_AUTH_ROW, 'nginx reverse proxy')} (nginx + sidecar CPU); "
+            f"/ the sidecar proxying alone (authenticated, 1 worker): "
+            f"{best[NGINX_AUTH_ROW].rps / best[AUTH_ROW].rps:.2f}x req/s"
+        )
+    return lines
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -657,7 +839,20 @@ def main() -> int:
         "--baseline", metavar="GIT_REF", help="also run a 1-worker sidecar from this commit"
     )
     parser.add_argument("--python-upstream", metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rows",
+        default="",
+        metavar="LIST",
+        help="also run issue 16's rows, comma-separated: bearer (bearer JWT beside the cookie), "
+        "rules (20 route rules beside none), nginx (nginx + auth_request + sidecar beside plain "
+        "nginx); all: every one",
+    )
     args = parser.parse_args()
+    extra = {r.strip() for r in args.rows.split(",") if r.strip()}
+    if "all" in extra:
+        extra = set(EXTRA_ROWS)
+    if extra - set(EXTRA_ROWS):
+        parser.error(f"--rows: unknown {sorted(extra - set(EXTRA_ROWS))}; know {EXTRA_ROWS}")
     if args.bare_proxy:
         run_bare_proxy(int(args.bare_proxy[0]), args.bare_proxy[1])
         return 0
@@ -678,6 +873,9 @@ def main() -> int:
             "skipping the nginx reverse proxy row.",
             file=sys.stderr,
         )
+        if "nginx" in extra:
+            print("--rows nginx: no nginx, row skipped.", file=sys.stderr)
+            extra.discard("nginx")
 
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     procs = Procs(tmp)
@@ -685,7 +883,8 @@ def main() -> int:
     prefix = f"bench-{os.getpid()}-{secrets.token_hex(4)}"
     me = str(Path(__file__).resolve())
     try:
-        ports = {k: free_port() for k in ("up", "nginx", "bare", "sc1", "sc2", "base", "idp")}
+        names = ("up", "nginx", "bare", "sc1", "sc2", "base", "idp", "rules", "nginx-auth")
+        ports = {k: free_port() for k in names}
         upstream = f"{HOST}:{ports['up']}"
         if have_nginx:
             upstream_pid = start_nginx(procs, "upstream", ports["up"], None)
@@ -700,15 +899,49 @@ def main() -> int:
         )
         wait_http(f"http://{HOST}:{ports['bare']}{PATH}", proc=bare_proc)
         bases = [f"http://{HOST}:{ports[k]}" for k in ("sc1", "sc2", "base")]
+        if "rules" in extra:
+            bases.append(f"http://{HOST}:{ports['rules']}")
         idp = ThreadedIdP(ports["idp"], bases)
+        # Issue 16's rows: the 1-worker sidecar accepts the provider's tokens and believes
+        # nginx's X-Forwarded-* (forward-auth); the rules sidecar is the same plus its rules.
+        issue16: dict[str, Any] = {}
+        if extra:
+            issue16 = {
+                "server": {"trusted_proxies": [f"{HOST}/32"]},
+                "bearer": {"accept_provider_tokens": True},
+            }
         sc1 = start_sidecar(
-            procs, "sidecar-1w", ports["sc1"], idp.issuer, "http://" + upstream, 1, prefix
-        )
+            procs, "sidecar-1w", ports["sc1"], idp.issuer, "http://" + upstream, 1, prefix,
+            extra_config=issue16,
+        )  # fmt: skip
         sc2 = start_sidecar(
             procs, "sidecar-2w", ports["sc2"], idp.issuer, "http://" + upstream, 2, prefix
         )
         cookie = login(sc1.base)
         cookie2 = login(sc2.base)
+        if "rules" in extra:
+            # 19 rules the path does not match (each with a condition), then the one it does.
+            rules: list[dict[str, Any]] = [
+                {"paths": [f"/r{i}/**"], "groups": [f"group-{i}"]} for i in range(1, RULES)
+            ]
+            rules.append({"paths": ["/**"], "allow": "authenticated"})
+            sc_rules = start_sidecar(
+                procs, "sidecar-rules", ports["rules"], idp.issuer, "http://" + upstream, 1,
+                prefix,
+                extra_config={
+                    **issue16,
+                    "upstreams": [{"path": "/", "url": "http://" + upstream, "rules": rules}],
+                },
+            )  # fmt: skip
+            rules_cookie = login(sc_rules.base)
+        if "bearer" in extra:
+            # The provider's access token, as the sidecar holds it for this session (and
+            # forwards it upstream): a JWT whose aud is the client id.
+            token = open_session(prefix, cookie, sc1.key)[2].access_token
+        if "nginx" in extra:
+            nginx_auth_pid = start_nginx(
+                procs, "nginx-auth", ports["nginx-auth"], upstream, f"{HOST}:{ports['sc1']}"
+            )
         baseline = None
         if args.baseline:
             source = export_commit(args.baseline, tmp / "baseline")
@@ -718,19 +951,28 @@ def main() -> int:
             )  # fmt: skip
             baseline_cookie = login(baseline.base)
 
-        # (name, URL, wrk headers, pid whose process tree's CPU time is the proxy's cost)
-        rows: list[tuple[str, str, list[str], int | None]] = [
+        # (name, URL, wrk headers, pid(s) whose process trees' CPU time is the proxy's cost)
+        rows: list[tuple[str, str, list[str], int | tuple[int, ...] | None]] = [
             ("direct upstream", f"http://{upstream}{PATH}", [], None),
         ]
         if have_nginx:
             rows.append(
                 ("nginx reverse proxy", f"http://{HOST}:{ports['nginx']}{PATH}", [], nginx_pid)
             )
+        if "nginx" in extra:
+            rows.append(
+                (
+                    NGINX_AUTH_ROW,
+                    f"http://{HOST}:{ports['nginx-auth']}/private/bench",
+                    [f"Cookie: {cookie}"],
+                    (nginx_auth_pid, sc1.proc.pid),
+                )
+            )
         rows += [
             ("bare aiohttp proxy", f"http://{HOST}:{ports['bare']}{PATH}", [], bare_proc.pid),
             ("sidecar public (1 worker)", sc1.base + PATH, [], sc1.proc.pid),
             (
-                "sidecar authenticated (1 worker)",
+                AUTH_ROW,
                 sc1.base + "/private/bench",
                 [f"Cookie: {cookie}"],
                 sc1.proc.pid,
@@ -743,6 +985,18 @@ def main() -> int:
                 sc2.proc.pid,
             ),
         ]
+        at = next(i for i, row in enumerate(rows) if row[0] == AUTH_ROW) + 1
+        if "bearer" in extra:
+            bearer_row = (
+                BEARER_ROW,
+                sc1.base + "/private/bench",
+                [f"Authorization: Bearer {token}"],
+            )
+            rows.insert(at, (*bearer_row, sc1.proc.pid))
+            at += 1
+        if "rules" in extra:
+            rules_row = (RULES_ROW, sc_rules.base + "/private/bench", [f"Cookie: {rules_cookie}"])
+            rows.insert(at, (*rules_row, sc_rules.proc.pid))
         if baseline is not None:
             # Old and new code side by side: each round runs them next to each other.
             at = next(i for i, row in enumerate(rows) if row[0] == "sidecar public (1 worker)")
@@ -759,6 +1013,13 @@ def main() -> int:
             with urllib.request.urlopen(req, timeout=5) as r:
                 if r.status != 200:
                     raise RuntimeError(f"{name}: {url} answered {r.status}")
+        if extra:
+            check_issue16(extra, rows, sc1.base, cookie)
+        if "bearer" in extra:  # the token outlives the run (the IdP's access_token_ttl)
+            left = token_lifetime(token)
+            budget = len(rows) * (args.rounds * args.duration + args.warmup) + 60
+            if left < budget:
+                raise RuntimeError(f"the access token expires in {left:.0f} s, before the run")
 
         results: dict[str, list[Result]] = {name: [] for name, _, _, _ in rows}
         if args.warmup > 0:
@@ -820,7 +1081,7 @@ def main() -> int:
             f"token): raw + {mem.redis - mem.tokens:,}"
         )
 
-        auth = best["sidecar authenticated (1 worker)"]
+        auth = best[AUTH_ROW]
         pub1 = best["sidecar public (1 worker)"]
         pub2 = best["sidecar public (2 workers, Redis)"]
         auth2 = best["sidecar authenticated (2 workers, Redis)"]
@@ -859,6 +1120,11 @@ def main() -> int:
                     f"{kind}, this tree vs {args.baseline}: {new.rps / old.rps:.3f}x req/s, "
                     f"{cpu} CPU per request"
                 )
+        if extra:
+            print()
+            print(f"Issue 16 (--rows {','.join(r for r in EXTRA_ROWS if r in extra)}):")
+            for line in issue16_lines(extra, results, best):
+                print(f"- {line}")
         print()
         print("Targets (issue 7):")
         for what, value, ok in checks:
