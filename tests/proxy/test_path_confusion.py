@@ -14,14 +14,7 @@ itself, so any path the sidecar judged differently from nginx would show up as a
 from __future__ import annotations
 
 import asyncio
-import grp
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +22,10 @@ import pytest
 
 from sidecar.config import Config
 from tests.support.configs import config_dict
+from tests.support.front_proxies import run_nginx
 from tests.support.login import browser, login, session_cookie
 from tests.support.ports import free_port
 from tests.support.probe import IssueSite, issue_config, request
-from tests.support.processes import stop_process
 from tests.support.raw_http import RawMessage, raw_exchange
 from tests.support.recording_upstream import RecordingUpstream
 from tests.support.sidecars import StartSidecar, ready
@@ -257,89 +250,22 @@ async def test_opt_ins_forward_params_and_encoded_slashes(start_sidecar: StartSi
 # --- a real nginx behind the sidecar -----------------------------------------------------
 
 
-DAEMON_OFF = ("-g", "daemon off;")
-
-
-def nginx_binary() -> str:
-    """Debian's nginx; CI installs it (`.ci/run`), so there a missing one fails the test."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed: CI must install Debian's nginx-light (.ci/run)")
-        pytest.skip("nginx is not installed (apt-get install nginx-light); CI requires it")
-    return found
-
-
-def nginx_conf(tmp: Path, port: int, binary: str) -> str:
-    """Everything under `tmp`: pid, logs, temp paths of the modules this build has."""
-    built = subprocess.run([binary, "-V"], capture_output=True, text=True, check=True).stderr
-    temp_paths = [f"client_body_temp_path {tmp}/client_body;"]
-    for module in ("proxy", "fastcgi", "uwsgi", "scgi"):
-        if f"--without-http_{module}_module" not in built:
-            temp_paths.append(f"{module}_temp_path {tmp}/{module};")
-    user = ""
-    if os.geteuid() == 0:  # workers drop to `nobody` with its own group
-        nobody = pwd.getpwnam("nobody")
-        user = f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
-    temp = "\n    ".join(temp_paths)
-    return f"""
-{user}
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {tmp}/access.log;
-    {temp}
-    default_type text/plain;
+NGINX_SERVER = """\
     server {{
         listen 127.0.0.1:{port};
         server_name _;
         location /admin/ {{ return 200 "ADMIN $uri\\n"; }}
         location / {{ return 200 "OTHER $uri\\n"; }}
     }}
-}}
 """
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[str]:
+async def nginx(tmp_path: Path) -> AsyncIterator[str]:
     """nginx (merge_slashes on, its default) answering `ADMIN $uri` below /admin/; its URL."""
-    binary = nginx_binary()
-    root = tmp_path / "nginx"
-    root.mkdir()
     port = free_port()
-    conf = root / "nginx.conf"
-    conf.write_text(nginx_conf(root, port, binary))
-    log = (root / "stderr.log").open("wb")
-    proc = subprocess.Popen(
-        [binary, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf), *DAEMON_OFF],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_listening(proc, port, root)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc, 10)
-        log.close()
-
-
-def wait_listening(proc: subprocess.Popen[bytes], port: int, root: Path) -> None:
-    """Until nginx accepts connections; fails with its logs if it exits or takes 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            logs = [root / "stderr.log", root / "error.log"]
-            text = "".join(p.read_text(errors="replace") for p in logs if p.exists())
-            pytest.fail(f"nginx exited {proc.returncode}: {text}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail("nginx did not listen within 10 s")
-            time.sleep(0.05)
+    async with run_nginx(tmp_path / "nginx", port, NGINX_SERVER.format(port=port)) as front:
+        yield front.url
 
 
 def attack_paths() -> list[str]:
