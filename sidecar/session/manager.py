@@ -320,6 +320,8 @@ class SessionManager:
         )
         if saved:
             self._cache.put(session.with_record(record), seen)
+            if record.expires_at != session.record.expires_at:
+                await self._index(session.h, record)  # the indexes' scores are its end
         return saved
 
     async def delete(self, session: Session) -> None:

@@ -55,6 +55,9 @@ class SessionRecord:
     version: int = 1
     next_attempt_at: float | None = None
     failed_attempts: int = 0  # consecutive transient refresh failures (backoff exponent)
+    # The session's absolute cap (login + session.lifetime); None in records stored before it
+    # was kept, whose end then never moves later.
+    lifetime_ends_at: float | None = None
     fmt: int = field(default=RECORD_FORMAT)
 
     def to_bytes(self) -> bytes:
@@ -108,6 +111,7 @@ class SessionRecord:
             created_at=now,
             refreshed_at=requested_at,
             expires_at=expires_at,
+            lifetime_ends_at=now + lifetime,
         )
 
     def rotated(
@@ -120,8 +124,9 @@ class SessionRecord:
         previous_access_claims: Mapping[str, Any] | None = None,
     ) -> SessionRecord:
         """The next version after a refresh grant: new tokens (an IdP that returns no new
-        refresh or ID token keeps the old one valid), the session's end moved no later by
-        `refresh_expires_in`, and the failure backoff reset.
+        refresh or ID token keeps the old one valid), the session's end set by a new
+        `refresh_expires_in` (an IdP's idle timeout, renewed by each refresh: Keycloak), never
+        past the session's lifetime, and the failure backoff reset.
 
         Claims: those of a new ID token if any over the session's (its ID-token and userinfo
         claims stay without one), with what the old access token alone gave
@@ -132,7 +137,8 @@ class SessionRecord:
         expires_at = self.expires_at
         if tokens.refresh_expires_in:
             refresh_expires = requested_at + tokens.refresh_expires_in
-            expires_at = min(expires_at, refresh_expires)
+            cap = self.lifetime_ends_at if self.lifetime_ends_at is not None else expires_at
+            expires_at = min(cap, refresh_expires)
         claims = refreshed_claims(
             self.claims,
             id_token=self.id_token,

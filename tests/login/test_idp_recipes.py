@@ -242,6 +242,28 @@ async def test_keycloak_refresh_expires_in_bounds_the_session(
     assert (await stored(sc, cookie)).refresh_expires_at is not None
 
 
+async def test_keycloak_sessions_in_use_live_on_up_to_the_lifetime(
+    start_sidecar: StartSidecar, upstream_app: Serve, start_idp: Callable[..., ThreadedIdP]
+) -> None:
+    """Keycloak renews `refresh_expires_in` (SSO Session Idle) with each refresh: a session in
+    use lives on, and its end moves with it, never past `session.lifetime`; the user index
+    follows the new end (central logout must still find the session)."""
+    idp = start_idp(access_token_ttl=SHORT_TTL, refresh_token_ttl=600.0)
+    sc = await recipe_sidecar(
+        start_sidecar, upstream_app, idp, "keycloak", recipe("Keycloak"), refresh=REFRESH
+    )
+    cookie = await log_in(sc, "alice")
+    first = (await session_info(sc, cookie))["session_expires_at"]
+    await asyncio.sleep(SHORT_TTL + 1.5)
+    assert await status_of(sc, cookie, "/app/x") == 200  # refreshed on the way
+    later = (await session_info(sc, cookie))["session_expires_at"]
+    assert later >= first + SHORT_TTL
+    record = await stored(sc, cookie)
+    assert record.lifetime_ends_at is not None and later <= record.lifetime_ends_at
+    listed = await sc.app[SESSIONS].sessions_of_user(idp.issuer, record.subject)
+    assert [info.expires_at for info in listed] == [record.expires_at]
+
+
 async def test_keycloak_roles_follow_the_idp_after_a_refresh(
     start_sidecar: StartSidecar, upstream_app: Serve, start_idp: Callable[..., ThreadedIdP]
 ) -> None:
