@@ -100,9 +100,11 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
     scope = upstream.prefix if upstream is not None else _SCOPE
     rules = upstream.config.access if upstream is not None else None
     if session is None:
-        token = presented_token(request) if request.app[BEARER].enabled else None
-        if token is None:
+        if not request.app[BEARER].enabled or "Authorization" not in request.headers:
             return _unauthenticated(request, original)
+        token = presented_token(request)
+        if token is None:
+            return invalid_token("the Authorization header holds no usable bearer token")
         try:
             caller = await request.app[BEARER].verify(token)
         except InvalidBearerToken as exc:

@@ -29,6 +29,8 @@ from sidecar.web.responses import error_response
 
 __all__ = ["proxy"]
 
+_UNUSABLE = "the Authorization header holds no usable bearer token"
+
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     """Everything that is not a sidecar endpoint: caller → rules → headers → upstream."""
@@ -56,9 +58,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
     session = await authenticate(request)
     if session is None:
-        token = presented_token(request) if request.app[BEARER].enabled else None
-        if token is None:
+        if not app[BEARER].enabled or "Authorization" not in request.headers:
             return unauthenticated(request)
+        token = presented_token(request)
+        if token is None:
+            return invalid_token(_UNUSABLE)
         return await _as_machine(request, upstream, route, token, extra)
     method = request.method
     if method not in SAFE_METHODS and not app[CSRF].allows(request):

@@ -228,3 +228,26 @@ async def test_without_a_bearer_section_a_token_is_just_no_login(
     await ready(sc)
     status, body, _ = await call(sc, "/app", token(issuer, key))
     assert status == 401 and body["error"] == "unauthenticated"
+
+
+@pytest.mark.parametrize(
+    "authorization", ["Bearer", "Bearer ", "Basic YWxpY2U6cGFzcw==", "Token abc", "Bearer a b"]
+)
+async def test_an_unusable_authorization_header_gets_401_invalid_token(
+    site: Sidecar, authorization: str
+) -> None:
+    """With bearer tokens on, an Authorization header that holds no usable token is an
+    invalid token (RFC 6750 §3.1), not "log in first"; without one it stays the latter."""
+    for path in ("/api/orders/7", "/oauth2/auth"):
+        status, body, headers = await call(
+            site,
+            path,
+            None,
+            Authorization=authorization,
+            **{"X-Forwarded-Uri": "/api/orders/7"},
+        )
+        assert status == 401 and body["error"] == "invalid_token", (path, authorization)
+        assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    status, body, headers = await call(site, "/api/orders/7", None)
+    assert status == 401 and body["error"] == "unauthenticated"
+    assert "error=" not in headers["WWW-Authenticate"]  # RFC 6750 §3.1: no error without a token
