@@ -49,6 +49,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (include "auth-sidecar.fullname" .) .Values.existingSecret }}
 {{- end }}
 
+{{/* The image reference: repository:tag, pinned with @digest when image.digest is set. */}}
+{{- define "auth-sidecar.image" -}}
+{{- .Values.image.repository }}:{{ .Values.image.tag }}
+{{- with .Values.image.digest }}@{{ . }}{{ end }}
+{{- end }}
+
 {{/* Put on the pod template as checksum/config: a config change rolls the pods. */}}
 {{- define "auth-sidecar.configChecksum" -}}
 {{- toYaml .Values.config | sha256sum }}
@@ -76,7 +82,7 @@ targetPort at "proxy". Full example: examples/sidecar-deployment.yaml.
 */}}
 {{- define "auth-sidecar.container" -}}
 - name: auth-sidecar
-  image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+  image: {{ include "auth-sidecar.image" . | quote }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   args: ["run"]
   env:
