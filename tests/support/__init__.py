@@ -9,5 +9,9 @@
   e2e `oidc-provider` process;
 - raw_http, recording_upstream, probe: raw HTTP on sockets and the hostile-request probe;
 - redis_fleet, tls, storm, chaos: Redis processes of a test, certificates, refresh storms and
-  the chaos tests' timeline.
+  the chaos tests' timeline;
+- jwks_server: a second token issuer (discovery, JWKS, introspection) for bearer tokens;
+- front_proxies: real nginx and Caddy in front of the sidecar, with the guide's configurations;
+- demo, chromium: the running demo and headless Chromium;
+- helm, containers: the real helm and checkov, and the image built and run with podman.
 """
