@@ -723,12 +723,13 @@ def test_helm_package(tmp_path: Path, helm_render: Renderer) -> None:
 
 
 def test_versions_agree(helm_render: Renderer) -> None:
-    """The app version is one number: sidecar.__version__, Chart.yaml appVersion, the default
-    image tag, and what helm renders. The chart's own `version` moves on its own (Chart.yaml:
-    bumped on every chart change), but the worked example's dependency pin names it."""
+    """One release number: sidecar.__version__, Chart.yaml version and appVersion (chart and
+    sidecar are released together), the default image tag, what helm renders, and the worked
+    example's dependency pin."""
     chart = load_yaml(CHART / "Chart.yaml")
     values = load_yaml(CHART / "values.yaml")
     assert chart["appVersion"] == __version__
+    assert chart["version"] == __version__
     assert values["image"]["tag"] == __version__
     docs = helm_render.docs(DEFAULT)
     assert container(docs)["image"] == f"{values['image']['repository']}:{__version__}"
