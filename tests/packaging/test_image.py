@@ -300,6 +300,69 @@ def test_the_image_holds_this_tree(image: Build) -> None:
     assert image.differences == []
 
 
+# Inside the image: what it holds besides the interpreter and the sidecar's installed
+# dependencies. Printed as JSON for the test below.
+_INVENTORY = """
+import importlib.metadata as md, json, os, re, shutil, site, sys
+def closure(name, seen):
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        return
+    seen.add(key)
+    try:
+        requires = md.requires(name) or []
+    except md.PackageNotFoundError:
+        return
+    for line in requires:
+        if "extra ==" in line:
+            continue
+        closure(re.split(r"[ ;<>=!~\\[(]", line, maxsplit=1)[0], seen)
+needed = set()
+closure("auth-sidecar", needed)
+for extra in ("hiredis",):  # redis[hiredis]
+    closure(extra, needed)
+installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions()}
+roots = site.getsitepackages()
+print(json.dumps({
+    "top": sorted(os.listdir("/")),
+    "compilers": [c for c in ("cc", "gcc", "g++", "clang", "make", "ld") if shutil.which(c)],
+    "extra_distributions": sorted(installed - needed - {"pip", "setuptools", "wheel"}),
+    "missing_distributions": sorted(needed - installed),
+    "tests_dirs": [r for r in roots if os.path.isdir(os.path.join(r, "tests"))],
+    "source_trees": [p for p in ("/src", "/wheels", "/tmp/src") if os.path.exists(p)],
+    "pip_cache": [p for p in ("/root/.cache/pip", "/tmp/.cache/pip") if os.path.exists(p)],
+}))
+"""
+
+
+def test_the_image_holds_no_compiler_cache_tests_or_source(
+    pm: Podman, image: Build, request: pytest.FixtureRequest
+) -> None:
+    """The final image is the interpreter, the sidecar and its dependencies: no compiler, no
+    pip cache, no tests, no source tree or wheels (the build stage keeps those)."""
+    done = pm.run(
+        "run",
+        *image.run_options,
+        "--rm",
+        "--pull=never",
+        "--network=none",
+        "--entrypoint",
+        "python",
+        image.image,
+        "-c",
+        _INVENTORY,
+    )
+    assert done.returncode == 0, done.stderr
+    inventory = json.loads(done.stdout)
+    announce(request.config, f"image top level: {' '.join(inventory['top'])}")
+    assert inventory["compilers"] == []
+    assert inventory["extra_distributions"] == []
+    assert inventory["missing_distributions"] == []
+    assert inventory["tests_dirs"] == []
+    assert inventory["source_trees"] == []
+    assert inventory["pip_cache"] == []
+
+
 def test_runs_as_uid_10001_on_a_read_only_root(sidecar: RunningSidecar) -> None:
     """The image's USER runs the sidecar itself as PID 1 (exec form); only /tmp is writable."""
     container = sidecar.container
