@@ -43,6 +43,7 @@ from tests.support.containers import (
     outside,
     podman,
     reap_leftovers,
+    run_python,
 )
 from tests.support.idp import ThreadedIdP
 from tests.support.login import HTML, browser, local, login
@@ -340,18 +341,7 @@ def test_the_image_holds_no_compiler_cache_tests_or_source(
 ) -> None:
     """The final image is the interpreter, the sidecar and its dependencies: no compiler, no
     pip cache, no tests, no source tree or wheels (the build stage keeps those)."""
-    done = pm.run(
-        "run",
-        *image.run_options,
-        "--rm",
-        "--pull=never",
-        "--network=none",
-        "--entrypoint",
-        "python",
-        image.image,
-        "-c",
-        _INVENTORY,
-    )
+    done = run_python(pm, image.run_options, _INVENTORY, image.image)
     assert done.returncode == 0, done.stderr
     inventory = json.loads(done.stdout)
     announce(request.config, f"image top level: {' '.join(inventory['top'])}")

@@ -392,9 +392,11 @@ def _requirements(lines: list[str]) -> set[str]:
     return {str(r) for r in found if r.marker is None or "extra" not in str(r.marker)}
 
 
-def image_differences(pm: Podman, run_options: list[str], context: Path) -> list[str]:
-    """How the image's sidecar differs from the tree's: files and requirements."""
-    done = pm.run(
+def run_python(
+    pm: Podman, run_options: list[str], script: str, image: str = IMAGE
+) -> subprocess.CompletedProcess[str]:
+    """`python -c script` in a throwaway container of `image`, offline."""
+    return pm.run(
         "run",
         *run_options,
         "--rm",
@@ -402,10 +404,15 @@ def image_differences(pm: Podman, run_options: list[str], context: Path) -> list
         "--network=none",
         "--entrypoint",
         "python",
-        IMAGE,
+        image,
         "-c",
-        _CONTENTS,
+        script,
     )
+
+
+def image_differences(pm: Podman, run_options: list[str], context: Path) -> list[str]:
+    """How the image's sidecar differs from the tree's: files and requirements."""
+    done = run_python(pm, run_options, _CONTENTS)
     if done.returncode != 0:
         return [f"no sidecar package in the image: {done.stderr.strip()[-500:]}"]
     image = json.loads(done.stdout)
