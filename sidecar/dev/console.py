@@ -21,6 +21,8 @@ class _Story(logging.Filter):
     """The story's events, and anything that went wrong."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "sidecar.audit":  # the same events again, for machines
+            return False
         return record.levelno >= logging.WARNING or record.getMessage() in _STORY
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NoReturn
 
+from sidecar.audit import audit
 from sidecar.config import RefreshConfig
 from sidecar.errors import (
     IdPUnavailable,
@@ -226,6 +227,10 @@ class Refresher:
         finally:
             duration = time.perf_counter() - started
             self._metrics.refresh_outcomes.labels(outcome).inc()
+            record = session.record
+            audit(
+                "refresh", session=session.h, iss=record.issuer, sub=record.subject, outcome=outcome
+            )
             log.info(
                 "refresh",
                 extra={

@@ -14,6 +14,7 @@ from typing import Final
 from aiohttp import web
 from pydantic import SecretStr
 
+from sidecar.audit import audit
 from sidecar.metrics import METRICS
 from sidecar.session import SessionManager, admin
 
@@ -124,8 +125,10 @@ def _count(request: web.Request, ended: int) -> None:
 
 
 def _audit(caller: str | None, action: str, *, count: int, **what: str) -> None:
-    """One line per admin call: which token (its fingerprint), what, how many."""
+    """One line per admin call: which token (its fingerprint), what, how many; and the
+    same as an audit event."""
     log.info("admin: " + action, extra={"admin_token": caller, "count": count, **what})
+    audit("admin", action=action, admin_token=caller, count=count, **what)
 
 
 def _digest(token: str) -> bytes:

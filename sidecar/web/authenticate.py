@@ -12,8 +12,10 @@ from typing import Final
 from aiohttp import web
 from yarl import URL
 
+from sidecar.audit import audit
+from sidecar.logging import REQUEST_ID
 from sidecar.session import Session
-from sidecar.web.keys import COOKIES, SESSIONS
+from sidecar.web.keys import COOKIES, FORWARDED, SESSIONS
 from sidecar.web.responses import error_response, is_navigation
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "forbidden",
     "login_url",
     "redirect",
+    "requester",
     "safe_return_path",
     "unauthenticated",
     "unauthorized_json",
@@ -89,13 +92,31 @@ def forbidden(request: web.Request, session: Session, scope: str) -> web.Respons
         "access denied",
         extra={"session": session.h[:12], "user": session.record.subject, "scope": scope},
     )
+    record = session.record
+    audit(
+        "access_denied",
+        session=session.h,
+        iss=record.issuer,
+        sub=record.subject,
+        scope=scope,
+        **requester(request),
+    )
     return error_response(request, 403, "forbidden", "you are not allowed to see this")
 
 
 def denied(request: web.Request, scope: str) -> web.Response:
     """403 for a request a `deny` rule refuses, whoever asks; nothing about the rule."""
     log.info("access denied", extra={"scope": scope, "rule": "deny"})
+    audit("access_denied", scope=scope, rule="deny", **requester(request))
     return error_response(request, 403, "forbidden", "you are not allowed to see this")
+
+
+def requester(request: web.Request) -> dict[str, str | None]:
+    """Who made the request, for audit lines: the client's address and the request id."""
+    return {
+        "client_ip": request.app[FORWARDED].client_ip(request),
+        "request_id": request.get(REQUEST_ID),
+    }
 
 
 def redirect(location: str, status: int = 302) -> web.Response:

@@ -7,6 +7,9 @@ import logging
 
 from aiohttp import web
 
+from sidecar.audit import audit
+from sidecar.web.authenticate import requester
+
 __all__ = ["insufficient_scope", "invalid_token", "presented_token"]
 
 log = logging.getLogger("sidecar.login")
@@ -36,9 +39,12 @@ def invalid_token(description: str) -> web.Response:
     )
 
 
-def insufficient_scope(scope: str, subject: str) -> web.Response:
+def insufficient_scope(request: web.Request, scope: str, issuer: str, subject: str) -> web.Response:
     """403 for a valid token the rules do not let through (RFC 6750 §3.1)."""
     log.info("access denied", extra={"user": subject, "scope": scope, "caller": "bearer"})
+    audit(
+        "access_denied", iss=issuer, sub=subject, scope=scope, caller="bearer", **requester(request)
+    )
     challenge = 'Bearer realm="auth-sidecar", error="insufficient_scope"'
     return web.json_response(
         {"error": "insufficient_scope", "error_description": "not allowed here"},

@@ -113,7 +113,7 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
             token, caller.key, caller.claims, caller.scopes, scope, rules, route
         )
         if identity is None:
-            return insufficient_scope(_SCOPE, caller.subject)
+            return insufficient_scope(request, _SCOPE, caller.issuer, caller.subject)
         return _allowed(_for_upstream(request, identity))
     if original.method not in SAFE_METHODS and not request.app[CSRF].allows(request):
         return error_response(

@@ -15,10 +15,12 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from yarl import URL
 
+from sidecar.audit import audit
 from sidecar.errors import IdPUnavailable, InvalidLogoutToken, StoreUnavailable
 from sidecar.oidc import LogoutClaims
 from sidecar.session import SessionManager
 from sidecar.session.manager import SessionInfo, idp_session_ref, user_ref
+from sidecar.web.authenticate import requester
 from sidecar.web.keys import CONFIG, METRICS, OIDC, ROUTE, SESSIONS
 
 __all__ = ["backchannel_logout", "frontchannel_logout"]
@@ -58,7 +60,7 @@ async def backchannel_logout(request: web.Request) -> web.Response:
             headers={**_NO_STORE, "Retry-After": "5"},
         )
     try:
-        ended = await _end_named(sessions, claims)
+        ended = await _end_named(request, sessions, claims)
     except StoreUnavailable:
         # The IdP will send the token again (503): its jti must not read as a replay then.
         await sessions.forget_logout_token(claims.issuer, claims.jti)
@@ -82,13 +84,13 @@ async def frontchannel_logout(request: web.Request) -> web.Response:
         return _frame_page(request, 400, "This logout request is not for this site.")
     sessions = request.app[SESSIONS]
     found = await sessions.sessions_of_idp_session(issuer, sid)
-    ended = await _end(sessions, found, idp_session_ref(issuer, sid))
+    ended = await _end(request, sessions, found, idp_session_ref(issuer, sid), "frontchannel")
     request.app[METRICS].logouts.labels("frontchannel").inc(ended)
     log.info("front-channel logout", extra={"ended": ended})
     return _frame_page(request, 200, "You are signed out of this site.")
 
 
-async def _end_named(sessions: SessionManager, claims: LogoutClaims) -> int:
+async def _end_named(request: web.Request, sessions: SessionManager, claims: LogoutClaims) -> int:
     """End the sessions of the token's `sid` (and `sub`, when both are named), or of its
     `sub` at this issuer without a `sid` (§2.4)."""
     if claims.sid is not None:
@@ -100,7 +102,7 @@ async def _end_named(sessions: SessionManager, claims: LogoutClaims) -> int:
         assert claims.subject is not None  # the validator requires sid or sub
         ref = user_ref(claims.issuer, claims.subject)
         found = await sessions.sessions_of_user(claims.issuer, claims.subject)
-    return await _end(sessions, found, ref)
+    return await _end(request, sessions, found, ref, "backchannel")
 
 
 async def _logout_token(request: web.Request) -> str:
@@ -120,8 +122,16 @@ async def _logout_token(request: web.Request) -> str:
     return tokens[0]
 
 
-async def _end(sessions: SessionManager, found: list[SessionInfo], ref: str) -> int:
-    return await sessions.end(found, listed_under=ref) if found else 0
+async def _end(
+    request: web.Request, sessions: SessionManager, found: list[SessionInfo], ref: str, kind: str
+) -> int:
+    if not found:
+        return 0
+    ended = await sessions.end(found, listed_under=ref)
+    who = requester(request)
+    for info in found:
+        audit("logout", kind=kind, session=info.id, iss=info.iss, sub=info.sub, **who)
+    return ended
 
 
 def _frame_page(request: web.Request, status: int, message: str) -> web.Response:

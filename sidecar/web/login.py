@@ -18,11 +18,12 @@ from typing import Final
 
 from aiohttp import web
 
+from sidecar.audit import audit
 from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
 from sidecar.oidc.tokens import session_claims
 from sidecar.session import PendingLogin, SessionRecord
-from sidecar.web.authenticate import START_PATH, redirect, safe_return_path
+from sidecar.web.authenticate import START_PATH, redirect, requester, safe_return_path
 from sidecar.web.keys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
 from sidecar.web.responses import error_response, is_navigation
 
@@ -136,9 +137,13 @@ async def callback(request: web.Request) -> web.StreamResponse:
         await sessions.delete(previous)
     session = await sessions.create(record)
     log.info("login", extra={"session": session.h[:12], "user": record.subject})
+    who = requester(request)
+    audit("login", session=session.h, iss=record.issuer, sub=record.subject, **who)
     oldest = await sessions.over_cap(session)
     if oldest:
         ended = await sessions.end(oldest)
+        for info in oldest:
+            audit("logout", kind="cap", session=info.id, iss=info.iss, sub=info.sub, **who)
         request.app[METRICS].logouts.labels("cap").inc(ended)
         log.info(
             "oldest sessions ended: over session.max_per_user",

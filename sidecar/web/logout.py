@@ -12,7 +12,8 @@ from typing import Final
 from aiohttp import web
 from yarl import URL
 
-from sidecar.web.authenticate import redirect
+from sidecar.audit import audit
+from sidecar.web.authenticate import redirect, requester
 from sidecar.web.keys import CONFIG, COOKIES, METRICS, OIDC, ROUTE, SESSIONS
 from sidecar.web.responses import error_response
 
@@ -41,13 +42,31 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
             # The other sessions' refresh tokens are sealed under their own session ids,
             # which only their browsers hold: they are deleted, not revoked (docs/decisions.md).
             found = await sessions.sessions_of_user(record.issuer, record.subject)
-            others = await sessions.end([s for s in found if s.id != session.h])
+            elsewhere = [s for s in found if s.id != session.h]
+            others = await sessions.end(elsewhere)
+            for info in elsewhere:
+                audit(
+                    "logout",
+                    kind="everywhere",
+                    session=info.id,
+                    iss=info.iss,
+                    sub=info.sub,
+                    **requester(request),
+                )
         await sessions.delete(session)
         id_token = record.id_token
         if record.refresh_token:
             await client.revoke(record.refresh_token)
         kind = "everywhere" if everywhere else "rp"
         request.app[METRICS].logouts.labels(kind).inc(1 + others)
+        audit(
+            "logout",
+            kind=kind,
+            session=session.h,
+            iss=record.issuer,
+            sub=record.subject,
+            **requester(request),
+        )
         log.info(
             "logout",
             extra={

@@ -104,6 +104,6 @@ async def _as_machine(
         route,
     )
     if identity is None:
-        return insufficient_scope(upstream.prefix, caller.subject)
+        return insufficient_scope(request, upstream.prefix, caller.issuer, caller.subject)
     extra.extend(identity)
     return await upstream.forward(request, extra)
