@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote
 
 import aiohttp
 from joserfc import jwt
@@ -44,7 +43,7 @@ from yarl import URL
 from sidecar.config import BearerConfig, BearerIssuer, IntrospectionConfig
 from sidecar.config.types import ASYMMETRIC_ALGORITHMS
 from sidecar.errors import IdPUnavailable, InvalidBearerToken, reason
-from sidecar.oidc.client import OIDCClient, json_object, read_capped
+from sidecar.oidc.client import OIDCClient, client_auth, json_object, read_capped
 from sidecar.oidc.id_token import LEEWAY
 from sidecar.oidc.jwks import JWKSCache
 
@@ -243,7 +242,11 @@ class BearerVerifier:
     ) -> tuple[BearerIdentity, float]:
         """The identity of an active token and until when the answer may be reused."""
         # §2.1: the token, a hint, and the client's authentication (RFC 6749 §2.3.1).
-        form, headers = _client_auth(config, {"token": token, "token_type_hint": "access_token"})
+        form, headers = client_auth(
+            {"token": token, "token_type_hint": "access_token"},
+            config.client_id,
+            config.client_secret,
+        )
         answer = await self._request_json("POST", config.endpoint, form, headers)
         active = answer.get("active")  # §2.2: REQUIRED boolean
         if active is False:
@@ -549,16 +552,3 @@ def _jwks_uri(document: Any, issuer: str) -> str:
     if url.scheme != "https" and not (url.scheme == "http" and url.host in _LOOPBACK):
         raise IdPUnavailable(f"discovery of {issuer}: jwks_uri must be https")
     return str(value)
-
-
-def _client_auth(
-    config: IntrospectionConfig, form: dict[str, str]
-) -> tuple[dict[str, str], dict[str, str]]:
-    """client_secret_basic with a secret, else the client_id in the form (RFC 6749 §2.3.1,
-    RFC 7662 §2.1)."""
-    secret = config.client_secret
-    if secret is None:
-        return {**form, "client_id": config.client_id}, {}
-    # RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
-    pair = f"{quote(config.client_id, safe='')}:{quote(secret.get_secret_value(), safe='')}"
-    return form, {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import aiohttp
 from joserfc.jwk import KeySet
+from pydantic import SecretStr
 from yarl import URL
 
 from sidecar.config import OIDCConfig
@@ -30,7 +31,7 @@ from sidecar.oidc.jwks import JWKSCache
 from sidecar.oidc.logout_token import LogoutClaims, UnknownLogoutKey, validate_logout_token
 from sidecar.oidc.tokens import UnknownAccessTokenKey, UnusableAccessToken, verify_access_token
 
-__all__ = ["OIDCClient", "TokenResponse", "json_object", "read_capped"]
+__all__ = ["OIDCClient", "TokenResponse", "client_auth", "json_object", "read_capped"]
 
 log = logging.getLogger("sidecar.oidc")
 
@@ -303,20 +304,12 @@ class OIDCClient:
         return self._session
 
     def _client_auth(self, form: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-        secret = self.config.client_secret
-        if secret is None:
-            return {**form, "client_id": self.config.client_id}, {}
-        if self.config.token_endpoint_auth_method == "client_secret_post":  # noqa: S105
-            return {
-                **form,
-                "client_id": self.config.client_id,
-                "client_secret": secret.get_secret_value(),
-            }, {}
-        # RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
-        pair = (
-            f"{quote(self.config.client_id, safe='')}:{quote(secret.get_secret_value(), safe='')}"
+        return client_auth(
+            form,
+            self.config.client_id,
+            self.config.client_secret,
+            post=self.config.token_endpoint_auth_method == "client_secret_post",  # noqa: S105
         )
-        return form, {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
     async def _token_request(
         self, form: dict[str, str], limit: aiohttp.ClientTimeout | None = None
@@ -359,6 +352,20 @@ class OIDCClient:
 
     async def _fetch_jwks(self) -> Any:
         return await self._get_json(self.metadata.jwks_uri)
+
+
+def client_auth(
+    form: dict[str, str], client_id: str, secret: SecretStr | None, *, post: bool = False
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The form and headers of a client's request to the IdP: client_secret_basic (or, with
+    `post`, client_secret_post) with a secret, else the client_id in the form."""
+    if secret is None:
+        return {**form, "client_id": client_id}, {}
+    if post:
+        return {**form, "client_id": client_id, "client_secret": secret.get_secret_value()}, {}
+    # RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
+    pair = f"{quote(client_id, safe='')}:{quote(secret.get_secret_value(), safe='')}"
+    return form, {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 async def read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
