@@ -213,12 +213,19 @@ async def _probe_store(
     store: SessionStore, name: str, readiness: Readiness, stop: asyncio.Event
 ) -> None:
     up: bool | None = None  # what the last probe found: logged when it changes
+    warned: str | None = None  # the eviction warning last logged (docs/redis.md)
     while not stop.is_set():
         try:
             await store.ping()
             readiness.report(name, True)
             if up is False:
                 log.info("session store reachable again", extra={"dependency": name})
+            # Each probe: a failover or a CONFIG SET may change it; logged when it changes.
+            warning = await store.eviction_risk()
+            readiness.warn(name, warning)
+            if warning is not None and warning != warned:
+                log.warning(warning, extra={"dependency": name})
+            warned = warning
             up = True
         except StoreUnavailable as exc:
             readiness.report(name, False, str(exc))

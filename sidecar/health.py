@@ -29,6 +29,7 @@ class Readiness:
     def __init__(self, strict: Iterable[str] = ()) -> None:
         self._strict = frozenset(strict)
         self._deps: dict[str, _Dependency] = {}
+        self._warnings: dict[str, str] = {}
         self.draining = False
 
     def register(self, name: str) -> None:
@@ -40,6 +41,14 @@ class Readiness:
         dep.seen_up = dep.seen_up or up
         dep.detail = detail or ("ok" if up else "down")
 
+    def warn(self, name: str, warning: str | None) -> None:
+        """Set or clear a dependency's warning: shown in `/readyz`, never unready by itself
+        (docs/operations.md, "Probes")."""
+        if warning is None:
+            self._warnings.pop(name, None)
+        else:
+            self._warnings[name] = warning
+
     @property
     def ready(self) -> bool:
         if self.draining:
@@ -49,13 +58,16 @@ class Readiness:
         )
 
     def snapshot(self) -> dict[str, object]:
-        return {
+        body: dict[str, object] = {
             "ready": self.ready,
             "draining": self.draining,
             "dependencies": {
                 name: {"up": dep.up, "detail": dep.detail} for name, dep in self._deps.items()
             },
         }
+        if self._warnings:
+            body["warnings"] = dict(self._warnings)
+        return body
 
 
 READINESS: Final = web.AppKey("readiness", Readiness)

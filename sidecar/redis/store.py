@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -18,11 +19,14 @@ from sidecar.redis.boundary import as_bytes, milliseconds, translated_errors
 from sidecar.redis.changes import follow_changes
 from sidecar.redis.connect import RedisClient
 from sidecar.redis.events import RedisEvents
+from sidecar.redis.eviction import eviction_risk, maxmemory_policies
 from sidecar.redis.keys import Keys
 from sidecar.redis.locks import RedisLocks
 from sidecar.session.store import Backend
 
 __all__ = ["RedisSessionStore"]
+
+log = logging.getLogger("sidecar.redis")
 
 _BULK: Final = 500  # sessions per pipelined round trip when ending or looking up many
 
@@ -111,6 +115,7 @@ class RedisSessionStore:
         self._index = client.register_script(_INDEX)
         self._list_login = client.register_script(_LIST_LOGIN)
         self._closed = False
+        self._policy_unreadable = False  # said once (docs/redis.md, "Memory policy")
 
     @classmethod
     def from_config(cls, config: RedisConfig) -> RedisSessionStore:
@@ -300,6 +305,15 @@ class RedisSessionStore:
     async def ping(self) -> None:
         async with translated_errors():
             await self._redis.ping()
+
+    async def eviction_risk(self) -> str | None:
+        policies = await maxmemory_policies(self._redis)
+        if policies is None:
+            if not self._policy_unreadable:
+                log.info("redis maxmemory-policy not readable (CONFIG not permitted); not checked")
+                self._policy_unreadable = True
+            return None
+        return eviction_risk(policies)
 
     async def close(self) -> None:
         if self._closed:

@@ -208,6 +208,9 @@ class MemorySessionStore:
     async def ping(self) -> None:
         return None
 
+    async def eviction_risk(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -101,6 +101,10 @@ class SessionStore(Protocol):
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless the store answers."""
 
+    async def eviction_risk(self) -> str | None:
+        """A warning when the store may drop sessions or locks on its own under memory
+        pressure (Redis' `maxmemory-policy`), else None."""
+
     async def close(self) -> None:
         """Release connections; idempotent."""
 
