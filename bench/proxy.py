@@ -1,7 +1,7 @@
 """Side-by-side proxy benchmark (issue 7): one command, one run, alternating rows, one table.
 
     .venv/bin/python bench/proxy.py [--duration 10] [--connections 50] [--rounds 2]
-                                    [--baseline GIT_REF] [--rows bearer,rules,nginx]
+                                    [--baseline GIT_REF] [--rows bearer,rules,nginx,accesslog]
 
 Everything listens on 127.0.0.1 on free ports and is stopped at exit:
 
@@ -26,7 +26,10 @@ With `--rows` (issue 16), more rows alternate with the others in every round:
 * `rules`: a 1-worker sidecar like it whose upstream has 20 route rules (19 that do not match
   the path, then `/**` authenticated), cookie-authenticated, beside the rule-less one;
 * `nginx`: nginx with `auth_request` to the 1-worker sidecar's `/oauth2/auth` in front of the
-  upstream, beside the plain nginx reverse proxy.
+  upstream, beside the plain nginx reverse proxy;
+* `accesslog` (issue 18): a 1-worker and a 2-worker sidecar like the others but with the access
+  log on (`logging: {level: info, access_log: true}`, the defaults; lines to a file), each
+  cookie-authenticated beside its unlogged twin.
 
 With any of them the 1-worker sidecar also gets `server.trusted_proxies: [127.0.0.1/32]` and
 `bearer.accept_provider_tokens: true`; without `--rows` nothing changes.
@@ -35,7 +38,8 @@ Besides req/s and latency, each proxy's CPU time per request (its process tree, 
 is reported: on a shared 2-core machine it is steadier than throughput.
 
 Load comes from `wrk` (Debian package `wrk`); the script installs nothing. The sidecar's
-access log is off (`logging.access_log: false`) so it does the same work as the others.
+access log is off (`logging.access_log: false`) so it does the same work as the others,
+except on the `accesslog` rows.
 """
 
 from __future__ import annotations
@@ -79,13 +83,18 @@ TARGETS = {
     "redis_extra_bytes": 200,  # Redis bytes per session ≤ raw token bytes + 200
     "bearer_vs_cookie": 0.9,  # issue 16: bearer JWT ≥ 0.9 x cookie-authenticated
     "rules_vs_none": 0.95,  # issue 16: 20 rules ≥ 0.95 x no rules
+    "logged_vs_unlogged": 0.9,  # issue 18: access log on ≥ 0.9 x off
 }
-EXTRA_ROWS = ("bearer", "rules", "nginx")  # `--rows`: issue 16's rows
+EXTRA_ROWS = ("bearer", "rules", "nginx", "accesslog")  # `--rows`: issues 16 and 18
 RULES = 20  # route rules on the `rules` row's upstream; the last one matches
 AUTH_ROW = "sidecar authenticated (1 worker)"
 BEARER_ROW = "sidecar bearer JWT (1 worker)"
 RULES_ROW = f"sidecar authenticated, {RULES} rules (1 worker)"
 NGINX_AUTH_ROW = "nginx + auth_request + sidecar (1 worker)"
+AUTH2_ROW = "sidecar authenticated (2 workers, Redis)"
+LOGGED_ROW = "sidecar authenticated, access log (1 worker)"
+LOGGED2_ROW = "sidecar authenticated, access log (2 workers, Redis)"
+LOGGED = {"logging": {"level": "info", "access_log": True}}
 
 
 def free_port() -> int:
@@ -804,6 +813,13 @@ def issue16_lines(
             f"/ the sidecar proxying alone (authenticated, 1 worker): "
             f"{best[NGINX_AUTH_ROW].rps / best[AUTH_ROW].rps:.2f}x req/s"
         )
+    if "accesslog" in extra:
+        target = TARGETS["logged_vs_unlogged"]
+        for logged, unlogged in ((LOGGED_ROW, AUTH_ROW), (LOGGED2_ROW, AUTH2_ROW)):
+            lines.append(
+                f"access log on ≥ {target} x off ({unlogged.removeprefix('sidecar ')}): "
+                f"{pair(logged, unlogged)} — {verdict(logged, unlogged, target)}"
+            )
     return lines
 
 
@@ -845,7 +861,7 @@ def main() -> int:
         metavar="LIST",
         help="also run issue 16's rows, comma-separated: bearer (bearer JWT beside the cookie), "
         "rules (20 route rules beside none), nginx (nginx + auth_request + sidecar beside plain "
-        "nginx); all: every one",
+        "nginx), accesslog (access log on beside off, 1 and 2 workers); all: every one",
     )
     args = parser.parse_args()
     extra = {r.strip() for r in args.rows.split(",") if r.strip()}
@@ -884,6 +900,7 @@ def main() -> int:
     me = str(Path(__file__).resolve())
     try:
         names = ("up", "nginx", "bare", "sc1", "sc2", "base", "idp", "rules", "nginx-auth")
+        names += ("logged", "logged2")
         ports = {k: free_port() for k in names}
         upstream = f"{HOST}:{ports['up']}"
         if have_nginx:
@@ -901,6 +918,8 @@ def main() -> int:
         bases = [f"http://{HOST}:{ports[k]}" for k in ("sc1", "sc2", "base")]
         if "rules" in extra:
             bases.append(f"http://{HOST}:{ports['rules']}")
+        if "accesslog" in extra:
+            bases += [f"http://{HOST}:{ports[k]}" for k in ("logged", "logged2")]
         idp = ThreadedIdP(ports["idp"], bases)
         # Issue 16's rows: the 1-worker sidecar accepts the provider's tokens and believes
         # nginx's X-Forwarded-* (forward-auth); the rules sidecar is the same plus its rules.
@@ -919,6 +938,18 @@ def main() -> int:
         )
         cookie = login(sc1.base)
         cookie2 = login(sc2.base)
+        if "accesslog" in extra:
+            # Twins of the two sidecars above with the access log on: lines go to their log files.
+            logged = start_sidecar(
+                procs, "sidecar-logged-1w", ports["logged"], idp.issuer, "http://" + upstream, 1,
+                prefix, extra_config={**issue16, **LOGGED},
+            )  # fmt: skip
+            logged2 = start_sidecar(
+                procs, "sidecar-logged-2w", ports["logged2"], idp.issuer, "http://" + upstream,
+                2, prefix, extra_config=LOGGED,
+            )  # fmt: skip
+            logged_cookie = login(logged.base)
+            logged2_cookie = login(logged2.base)
         if "rules" in extra:
             # 19 rules the path does not match (each with a condition), then the one it does.
             rules: list[dict[str, Any]] = [
@@ -997,6 +1028,19 @@ def main() -> int:
         if "rules" in extra:
             rules_row = (RULES_ROW, sc_rules.base + "/private/bench", [f"Cookie: {rules_cookie}"])
             rows.insert(at, (*rules_row, sc_rules.proc.pid))
+        if "accesslog" in extra:
+            # Each logged row right after its unlogged twin: they alternate in every round.
+            rows.insert(
+                at,
+                (LOGGED_ROW, logged.base + "/private/bench", [f"Cookie: {logged_cookie}"],
+                 logged.proc.pid),
+            )  # fmt: skip
+            at2 = next(i for i, row in enumerate(rows) if row[0] == AUTH2_ROW) + 1
+            rows.insert(
+                at2,
+                (LOGGED2_ROW, logged2.base + "/private/bench", [f"Cookie: {logged2_cookie}"],
+                 logged2.proc.pid),
+            )  # fmt: skip
         if baseline is not None:
             # Old and new code side by side: each round runs them next to each other.
             at = next(i for i, row in enumerate(rows) if row[0] == "sidecar public (1 worker)")
@@ -1049,7 +1093,8 @@ def main() -> int:
         print(
             f"wrk -t2 -c{args.connections} -d{args.duration:g}s --latency, best of "
             f"{args.rounds} alternating round(s); {os.cpu_count()} CPUs; upstream: "
-            f"{'nginx' if have_nginx else 'Python (nginx missing)'}; sidecar access log off"
+            f"{'nginx' if have_nginx else 'Python (nginx missing)'}; sidecar access log off "
+            "(on in the access log rows)"
         )
         print()
         print(
@@ -1122,7 +1167,7 @@ def main() -> int:
                 )
         if extra:
             print()
-            print(f"Issue 16 (--rows {','.join(r for r in EXTRA_ROWS if r in extra)}):")
+            print(f"Extra rows (--rows {','.join(r for r in EXTRA_ROWS if r in extra)}):")
             for line in issue16_lines(extra, results, best):
                 print(f"- {line}")
         print()

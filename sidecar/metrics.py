@@ -112,6 +112,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.access_log_dropped = Counter(
+            "sidecar_access_log_dropped",
+            "Access log lines lost: stderr too far behind (more than 8 MiB waiting) or a "
+            "failed write.",
+            registry=self.registry,
+        )
+
         # Labelled children by label values: `labels()` costs a lock and a tuple per call.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 

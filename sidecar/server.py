@@ -18,17 +18,18 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.access_log import AccessLog
 from sidecar.app import build_apps
 from sidecar.config import Address, Config
 from sidecar.errors import ConfigError
 from sidecar.health import READINESS, Readiness
 from sidecar.listener import Listener
-from sidecar.logging import AccessLogger
+from sidecar.metrics import METRICS
 from sidecar.supervisor import WORKER_DIR_ENV, run_workers, write_worker_status
 
 __all__ = ["main_runner_options", "main_site", "run", "run_until_done", "serve"]
@@ -51,7 +52,7 @@ async def serve(
     """
     main, management = build_apps(config)
     stop = stop or _stop_on_signals()
-    main_runner = web.AppRunner(main, handle_signals=False, **main_runner_options(config))
+    main_runner = web.AppRunner(main, handle_signals=False, **main_runner_options(config, main))
     management_runner = web.AppRunner(management, handle_signals=False, access_log=None)
     await main_runner.setup()
     await management_runner.setup()
@@ -104,13 +105,15 @@ async def _report_status(readiness: Readiness, slot: int) -> None:
         await asyncio.sleep(0.5)
 
 
-def main_runner_options(config: Config) -> dict[str, Any]:
-    """How the main listener handles connections; tests start their servers with these too."""
-    access = logging.getLogger("sidecar.access")
+def main_runner_options(
+    config: Config, app: web.Application, access_stream: TextIO | None = None
+) -> dict[str, Any]:
+    """How the main listener handles `app`'s connections; tests start their servers with
+    these too. With the access log on, `app` writes it from start-up to cleanup, to
+    `access_stream` (default: stderr; docs/operations.md, "Access log")."""
     server = config.server
-    return {
-        "access_log_class": AccessLogger,
-        "access_log": access if config.logging.access_log else None,
+    options: dict[str, Any] = {
+        "access_log": None,
         "handler_cancellation": True,  # a client that goes away cancels its upstream request
         "auto_decompress": False,  # bodies pass through as the client compressed them
         "shutdown_timeout": server.shutdown_grace,
@@ -121,6 +124,12 @@ def main_runner_options(config: Config) -> dict[str, Any]:
         "max_field_size": server.max_header_size,
         "max_headers": server.max_headers,
     }
+    if config.logging.access_log:
+        access = AccessLog(app[METRICS].access_log_dropped.inc, access_stream)
+        app.cleanup_ctx.append(access.run)
+        options["access_log_class"] = access.logger_class()
+        options["access_log"] = logging.getLogger("sidecar.access")
+    return options
 
 
 def main_site(

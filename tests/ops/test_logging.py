@@ -52,8 +52,8 @@ class LogLines:
         return [r for r in self.records() if r["logger"] == "sidecar.access"]
 
     async def wait_access(self, count: int) -> list[dict[str, Any]]:
-        """The access log is written after the response went out: wait for it."""
-        for _ in range(200):
+        """The access log is written after the response went out, in batches: wait for it."""
+        for _ in range(300):
             if len(self.access()) >= count:
                 break
             await asyncio.sleep(0.01)
@@ -76,14 +76,15 @@ def logs() -> Iterator[LogLines]:
 
 
 @pytest.fixture
-async def sidecar() -> AsyncIterator[Callable[[Config], Awaitable[TestServer]]]:
-    """The main listener in-process, with production's runner options (access log included)."""
+async def sidecar(logs: LogLines) -> AsyncIterator[Callable[[Config], Awaitable[TestServer]]]:
+    """The main listener in-process, with production's runner options (access log included,
+    written where `logs` captures)."""
     servers: list[TestServer] = []
 
     async def start(config: Config) -> TestServer:
         main, _ = build_apps(config)
         server = TestServer(main, host="127.0.0.1")
-        options = main_runner_options(config)
+        options = main_runner_options(config, main, access_stream=logs.stream)
         options.pop("handler_cancellation")  # TestServer sets it itself
         await server.start_server(**options)
         servers.append(server)

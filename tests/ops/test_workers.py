@@ -50,7 +50,12 @@ def test_workers_share_the_port_and_metrics_aggregate(
         m for m in metrics.decode().splitlines() if m.startswith("sidecar_http_requests_total{")
     )
     assert float(line.rsplit(" ", 1)[1]) == 40
-    lines = [line for line in proc.logs().splitlines() if '"sidecar.access"' in line]
+    deadline = time.monotonic() + 5  # access lines are written in batches (docs/operations.md)
+    while True:
+        lines = [line for line in proc.logs().splitlines() if '"sidecar.access"' in line]
+        if len(lines) >= 40 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     pids = {json.loads(line).get("pid") for line in lines}
     assert len(pids) == 2, "both workers should have answered requests"
 

@@ -49,7 +49,8 @@ class Sidecar:
     def __init__(self, config: Config, refresh_timing: RefreshTiming | None = None) -> None:
         self.config = config
         self.app, management = build_apps(config, refresh_timing=refresh_timing)
-        self._main = web.AppRunner(self.app, handle_signals=False, **main_runner_options(config))
+        options = main_runner_options(config, self.app)
+        self._main = web.AppRunner(self.app, handle_signals=False, **options)
         self._management = web.AppRunner(management, handle_signals=False, access_log=None)
         self._base = self._management_base = ""
 
