@@ -75,7 +75,11 @@ def build_apps(
     `refresh_timing` lets tests run the refresh protocol with shorter fixed intervals.
     """
     metrics = Metrics()
-    readiness = Readiness(config.management.readiness_requires)
+    readiness = Readiness(
+        config.management.readiness_requires,
+        on_ready=metrics.readiness_changed,
+        on_report=metrics.dependency_reported,
+    )
     policy = ForwardedPolicy(config.server.trusted_proxies)
     cookies = Cookies(config.session)
     # Client copies of every injected header are dropped, even on public paths.

@@ -119,8 +119,40 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.ready = Gauge(
+            "sidecar_ready",
+            "1 while /readyz answers 200, 0 while it answers 503 (starting, draining, or a "
+            "dependency in management.readiness_requires down).",
+            registry=self.registry,
+            multiprocess_mode="livemin",  # with workers: 0 if any live worker is unready
+        )
+        self.readiness_transitions = Counter(
+            "sidecar_readiness_transitions",
+            "Changes of /readyz between ready and unready after start-up, draining excepted; "
+            "counted, so flapping between scrapes is seen.",
+            registry=self.registry,
+        )
+        self.dependency_up = Gauge(
+            "sidecar_dependency_up",
+            "1 while a dependency (redis, idp) answered its last check, 0 while it failed; "
+            "as /readyz reports it.",
+            ["dependency"],
+            registry=self.registry,
+            multiprocess_mode="livemin",  # with workers: 0 if any live worker sees it down
+        )
+
         # Labelled children by label values: `labels()` costs a lock and a tuple per call.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def readiness_changed(self, ready: bool, flap: bool) -> None:
+        """/readyz turned ready or unready (sidecar/health.py calls this on each change)."""
+        self.ready.set(ready)
+        if flap:
+            self.readiness_transitions.inc()
+
+    def dependency_reported(self, name: str, up: bool) -> None:
+        """A dependency's check answered (sidecar/health.py calls this on each report)."""
+        self.dependency_up.labels(name).set(up)
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and observe its duration (the per-request hot path)."""

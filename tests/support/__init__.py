@@ -13,5 +13,6 @@
 - jwks_server: a second token issuer (discovery, JWKS, introspection) for bearer tokens;
 - front_proxies: real nginx and Caddy in front of the sidecar, with the guide's configurations;
 - demo, chromium: the running demo and headless Chromium;
-- helm, containers: the real helm and checkov, and the image built and run with podman.
+- helm, containers: the real helm and checkov, and the image built and run with podman;
+- promtool: Prometheus' rule checker and unit-test runner, for the chart's alerts.
 """
