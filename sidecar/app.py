@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -28,7 +28,9 @@ from sidecar.oidc import BearerVerifier, OIDCClient
 from sidecar.refresh import Refresher, RefreshTiming
 from sidecar.session import Keyring, SessionManager
 from sidecar.session.cookie import Cookies
+from sidecar.session.manager import TracedSessionManager
 from sidecar.session.store import SessionStore
+from sidecar.telemetry import TRACE_HEADERS, Tracing
 from sidecar.web import idp_logout, login, logout, userinfo
 from sidecar.web.admin import add_admin_routes
 from sidecar.web.csrf import CsrfPolicy
@@ -48,11 +50,16 @@ from sidecar.web.keys import (
     REFRESHER,
     ROUTER,
     SESSIONS,
+    TRACING,
 )
 from sidecar.web.middleware import add_request_id, map_errors, observe
 from sidecar.web.proxy import proxy
 from sidecar.web.ratelimit import ClientRateLimiter
 from sidecar.web.routing import Dispatcher
+from sidecar.web.tracing import trace_requests
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["build_apps", "open_sessions"]
 
@@ -68,12 +75,16 @@ def build_apps(
     store: SessionStore | None = None,
     *,
     refresh_timing: RefreshTiming | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> tuple[web.Application, web.Application]:
     """The main application (proxy and sidecar endpoints) and the management one.
 
     `store` lets tests share one in-memory store between apps; normally it comes from config.
     `refresh_timing` lets tests run the refresh protocol with shorter fixed intervals.
+    `span_exporter` takes the spans instead of `telemetry.otlp_endpoint` (tests keep them).
     """
+    # Off without telemetry.otlp_endpoint: then nothing below traces (sidecar/telemetry.py).
+    tracing = Tracing.open(config.telemetry, span_exporter)
     metrics = Metrics()
     readiness = Readiness(
         config.management.readiness_requires,
@@ -84,6 +95,8 @@ def build_apps(
     cookies = Cookies(config.session)
     # Client copies of every injected header are dropped, even on public paths.
     dropped = injected_names(config.inject)
+    if tracing is not None:
+        dropped |= TRACE_HEADERS  # the upstream gets our span's instead (docs/decisions.md)
     router = Router(
         Upstream(
             u,
@@ -92,6 +105,7 @@ def build_apps(
             drop=dropped,
             cookie_filter=cookies.strip,
             body_timeout=config.server.body_timeout,
+            tracing=tracing,
         )
         for u in config.upstreams
     )
@@ -103,6 +117,7 @@ def build_apps(
         readiness=readiness,
         # A refresh grant outliving its callers is waited for, not abandoned (docs/refresh.md).
         answer_within=config.refresh.late_answer_timeout,
+        tracing=tracing,
     )
 
     # The only router: every request, routed on its canonical path (sidecar/web/routing.py).
@@ -117,8 +132,10 @@ def build_apps(
     }
     # Envoy's ext_authz sends `/oauth2/auth<original path>` (docs/forward-auth.md).
     prefixes = {AUTH_PATH + "/": endpoints[AUTH_PATH]}
+    # The request span, only with tracing on: outside map_errors, it sees the final status.
+    traced = [] if tracing is None else [trace_requests(tracing, endpoints)]
     main = web.Application(
-        middlewares=[observe, map_errors, Dispatcher(endpoints, proxy, prefixes)]
+        middlewares=[observe, *traced, map_errors, Dispatcher(endpoints, proxy, prefixes)]
     )
     main[CONFIG] = config
     main[METRICS] = metrics
@@ -126,7 +143,9 @@ def build_apps(
     main[ROUTER] = router
     main[FORWARDED] = policy
     main[OIDC] = oidc
-    sessions = open_sessions(config, backend.store, on_caching=metrics.session_cache_live.set)
+    sessions = open_sessions(
+        config, backend.store, on_caching=metrics.session_cache_live.set, tracing=tracing
+    )
     main[SESSIONS] = sessions
     main[_BACKEND] = backend
     main[REFRESHER] = Refresher(
@@ -137,6 +156,7 @@ def build_apps(
         config.refresh,
         metrics,
         timing=refresh_timing or RefreshTiming(),
+        tracing=tracing,
     )
     main[COOKIES] = cookies
     main[LOGIN_LIMITER] = ClientRateLimiter.for_logins(config.login, policy)
@@ -151,6 +171,9 @@ def build_apps(
     # A route every origin-form path matches, never called: without one, aiohttp builds a
     # 404 exception for each request before the dispatcher (the last middleware) runs.
     main.router.add_route("*", "/{tail:.*}", proxy)
+    if tracing is not None:
+        main[TRACING] = tracing
+        main.cleanup_ctx.append(_tracing)  # first in, last out: the shutdown's spans go too
     main.cleanup_ctx.append(_upstream_pools)
     main.cleanup_ctx.append(_session_store)
     main.cleanup_ctx.append(_identity_provider)
@@ -171,11 +194,20 @@ def open_sessions(
     store: SessionStore,
     *,
     on_caching: Callable[[bool], None] = lambda _: None,
+    tracing: Tracing | None = None,
 ) -> SessionManager:
     """The session manager over `store` with the configured keys: the main application's, and
     the one the supervisor's admin API and the `sessions` command use."""
     keyring = Keyring.from_base64([k.get_secret_value() for k in config.session.encryption_keys])
+    if tracing is not None:
+        return TracedSessionManager(tracing, store, keyring, config.session, on_caching=on_caching)
     return SessionManager(store, keyring, config.session, on_caching=on_caching)
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    """The tracer provider exports until the end: its queue is flushed at shutdown."""
+    yield
+    await app[TRACING].close()
 
 
 async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:

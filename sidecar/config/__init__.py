@@ -22,6 +22,7 @@ from sidecar.config.models import (
     SentinelConfig,
     ServerConfig,
     SessionConfig,
+    TelemetryConfig,
     UpstreamConfig,
 )
 from sidecar.config.types import Address, parse_duration
@@ -48,6 +49,7 @@ __all__ = [
     "SentinelConfig",
     "ServerConfig",
     "SessionConfig",
+    "TelemetryConfig",
     "UpstreamConfig",
     "load_config",
     "parse_config",

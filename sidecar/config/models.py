@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 import ipaddress
 import re
 from typing import Annotated, Final, Literal, Self
@@ -46,6 +47,7 @@ __all__ = [
     "SentinelConfig",
     "ServerConfig",
     "SessionConfig",
+    "TelemetryConfig",
     "UpstreamConfig",
 ]
 
@@ -523,6 +525,49 @@ class LoggingConfig(_Section):
     access_log: bool = True
 
 
+# Imported when tracing is configured (sidecar/telemetry.py): the optional `otel` extra.
+_OTEL_MODULES: Final = (
+    "opentelemetry.sdk.trace",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+)
+
+
+def _otel_installed() -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in _OTEL_MODULES)
+    except ImportError:  # a missing parent package raises instead of answering None
+        return False
+
+
+class TelemetryConfig(_Section):
+    otlp_endpoint: str = Field(
+        "",
+        description="URL of the OTLP/HTTP traces endpoint, e.g. "
+        "http://otel-collector:4318/v1/traces; empty: tracing off",
+    )
+    service_name: str = Field("auth-sidecar", min_length=1, description="service.name of spans")
+    sampling: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of new traces recorded, 0..1; a caller's traceparent decides for "
+        "its own trace (parent-based)",
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value:
+            return value
+        _http_url(value)
+        if not _otel_installed():
+            raise ValueError(
+                "tracing needs the optional extra: pip install 'auth-sidecar[otel]' "
+                "(opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http)"
+            )
+        return value
+
+
 class Config(_Section):
     server: ServerConfig
     management: ManagementConfig = Field(default_factory=ManagementConfig)
@@ -540,6 +585,7 @@ class Config(_Section):
     bearer: BearerConfig = Field(default_factory=BearerConfig)
     csrf: CsrfConfig = Field(default_factory=CsrfConfig)
     forward_auth: ForwardAuthConfig = Field(default_factory=ForwardAuthConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Self:

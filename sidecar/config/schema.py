@@ -72,6 +72,7 @@ _DESCRIPTIONS: Final = {
     "Config.bearer": "bearer tokens of machine clients beside browser sessions",
     "Config.csrf": "CSRF defence for cookie-authenticated unsafe requests",
     "Config.forward_auth": "how /oauth2/auth answers front proxies",
+    "Config.telemetry": "OpenTelemetry traces (the otel extra); off without otlp_endpoint",
     "BearerIssuer.issuer": "the issuer URL; its tokens' iss must equal it",
     "IntrospectionConfig.client_id": "the sidecar's client id at the introspection endpoint",
     "IntrospectionConfig.client_secret": "its secret, usually ${INTROSPECTION_SECRET}",

@@ -34,6 +34,7 @@ from sidecar.forwarding.pool import (
     encode_head,
 )
 from sidecar.metrics import Metrics
+from sidecar.telemetry import Tracing
 
 __all__ = ["PathPrefixes", "Router", "Upstream", "is_websocket", "path_matches"]
 
@@ -60,9 +61,11 @@ class Upstream:
         drop: frozenset[str] = frozenset(),
         cookie_filter: Callable[[str], str] | None = None,
         body_timeout: float = 30.0,
+        tracing: Tracing | None = None,
     ) -> None:
         """`drop`: client headers never forwarded; `cookie_filter`: edits the `Cookie` header;
-        `body_timeout`: longest wait for a client's next body bytes (`server.body_timeout`)."""
+        `body_timeout`: longest wait for a client's next body bytes (`server.body_timeout`);
+        `tracing`: each exchange is a client span whose context goes upstream."""
         self.config = config
         self.prefix = config.path
         base = URL(config.url)
@@ -90,6 +93,13 @@ class Upstream:
             body_timeout=body_timeout,
         )
         self._session: aiohttp.ClientSession | None = None
+        self._tracing = tracing
+        self._span_attributes: dict[str, str | int] = {
+            "server.address": base.raw_host or "",
+            "server.port": base.port or 80,
+            "url.scheme": base.scheme,
+            "sidecar.upstream": self.prefix,
+        }
 
     def refuses(self, target: CanonicalPath) -> str | None:
         """Why this upstream will not take `target`, when it uses a form it did not opt into."""
@@ -152,9 +162,39 @@ class Upstream:
         """
         headers = self._headers(request)
         headers.extend(extra)
-        if websocket if websocket is not None else is_websocket(request):
+        if websocket is None:
+            websocket = is_websocket(request)
+        if self._tracing is not None:
+            return await self._traced(self._tracing, request, headers, websocket, ended)
+        if websocket:
             return await self._forward_websocket(request, headers, ended)
         return await self._forward_http(request, headers)
+
+    async def _traced(
+        self,
+        tracing: Tracing,
+        request: web.Request,
+        headers: list[tuple[str, str]],
+        websocket: bool,
+        ended: asyncio.Event | None,
+    ) -> web.StreamResponse:
+        """`forward` in an `upstream` client span; the upstream receives its `traceparent`
+        (the client's was dropped with the other headers the sidecar owns)."""
+        attributes: dict[str, str | int] = {
+            **self._span_attributes,
+            "http.request.method": request.method,
+            "url.path": self.path(request).partition("?")[0],
+        }
+        with tracing.span("upstream", kind="client", attributes=attributes) as span:
+            tracing.inject(headers)
+            if websocket:
+                response = await self._forward_websocket(request, headers, ended)
+            else:
+                response = await self._forward_http(request, headers)
+            span.set("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.fail(str(response.status))
+            return response
 
     async def _forward_http(
         self, request: web.Request, headers: list[tuple[str, str]]

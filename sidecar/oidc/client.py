@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from sidecar.oidc.id_token import UnknownKeyId, validate_id_token
 from sidecar.oidc.jwks import JWKSCache
 from sidecar.oidc.logout_token import LogoutClaims, UnknownLogoutKey, validate_logout_token
 from sidecar.oidc.tokens import UnknownAccessTokenKey, UnusableAccessToken, verify_access_token
+from sidecar.telemetry import Tracing
 
 __all__ = ["OIDCClient", "TokenResponse", "client_auth", "json_object", "read_capped"]
 
@@ -40,6 +42,8 @@ T = TypeVar("T")
 _MAX_RESPONSE_BYTES: Final = 1 << 20  # an IdP answer larger than 1 MiB is garbage
 _REVOKE_TIMEOUT: Final = 3.0  # logout never waits long on revocation (best effort)
 _RETRY_MIN, _RETRY_MAX = 1.0, 30.0  # discovery retry backoff while the IdP is down at boot
+# An RFC 6749 §5.2 error code as a span attribute; anything else the IdP says is "error".
+_ERROR_CODE: Final = re.compile(r"[a-z_]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +70,11 @@ class OIDCClient:
         clock: Callable[[], float] = time.time,
         *,
         answer_within: float | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """`answer_within` (refresh.late_answer_timeout): how long a refresh grant's answer is
-        waited for, past the IdP timeout its callers wait (docs/refresh.md step 5)."""
+        waited for, past the IdP timeout its callers wait (docs/refresh.md step 5).
+        `tracing`: each token request is an `idp.token` client span."""
         self.config = config
         self.redirect_uri = redirect_uri
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -77,6 +83,7 @@ class OIDCClient:
         self._session: aiohttp.ClientSession | None = None
         self._metadata: ProviderMetadata | None = None
         self._answer_within = answer_within
+        self._tracing = tracing
         self.jwks = JWKSCache(self._fetch_jwks)
         readiness.register("idp")
 
@@ -313,6 +320,33 @@ class OIDCClient:
 
     async def _token_request(
         self, form: dict[str, str], limit: aiohttp.ClientTimeout | None = None
+    ) -> TokenResponse:
+        if self._tracing is None:
+            return await self._post_token(form, limit)
+        endpoint = URL(self.metadata.token_endpoint)
+        attributes: dict[str, str | int] = {
+            "http.request.method": "POST",
+            "server.address": endpoint.raw_host or "",
+            "server.port": endpoint.port or 443,
+            "url.path": endpoint.path,
+            "sidecar.grant_type": form["grant_type"],
+        }
+        with self._tracing.span("idp.token", kind="client", attributes=attributes) as span:
+            try:
+                tokens = await self._post_token(form, limit)
+            except TokenRequestError as exc:
+                code = exc.error if _ERROR_CODE.fullmatch(exc.error) else "error"
+                span.set("sidecar.idp.outcome", code)
+                raise
+            except IdPUnavailable as exc:
+                span.set("sidecar.idp.outcome", "unavailable")
+                span.set("sidecar.idp.maybe_sent", exc.maybe_sent)
+                raise
+            span.set("sidecar.idp.outcome", "ok")
+            return tokens
+
+    async def _post_token(
+        self, form: dict[str, str], limit: aiohttp.ClientTimeout | None
     ) -> TokenResponse:
         data, auth_headers = self._client_auth(form)
         try:

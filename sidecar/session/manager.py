@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Final
+from typing import Any, Final
 
 from sidecar.config import SessionConfig
 from sidecar.errors import StoreUnavailable
@@ -25,6 +25,7 @@ from sidecar.session.cache import SessionCache
 from sidecar.session.crypto import Keyring, SealError
 from sidecar.session.record import Session, SessionRecord, new_session_id, session_hash
 from sidecar.session.store import SessionStore, Waiters
+from sidecar.telemetry import Tracing
 
 __all__ = [
     "LOGIN_TTL",
@@ -32,6 +33,7 @@ __all__ = [
     "Session",
     "SessionInfo",
     "SessionManager",
+    "TracedSessionManager",
     "idp_session_ref",
     "subject_key",
     "user_ref",
@@ -475,6 +477,39 @@ class SessionManager:
         if login.created_at + LOGIN_TTL <= self._clock():
             return None
         return login
+
+
+class TracedSessionManager(SessionManager):
+    """A `SessionManager` whose request-path loads are spans (docs/operations.md, "Traces").
+
+    A subclass, chosen once at start-up: with tracing off, `current` is the plain one.
+    """
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        store: SessionStore,
+        keyring: Keyring,
+        config: SessionConfig,
+        **options: Any,
+    ) -> None:
+        super().__init__(store, keyring, config, **options)
+        self._tracing = tracing
+
+    async def current(self, session_id: str | None) -> Session | None:
+        """`SessionManager.current` in a `session.load` span saying whether this process's
+        cache answered or the store was read; the session hash, never the id."""
+        if session_id is None:
+            return None
+        with self._tracing.span("session.load") as span:
+            # A look without an await before `current`: the same answer it will get.
+            cached = self._cache.get(session_id) is not None
+            span.set("sidecar.session.source", "cache" if cached else "store")
+            session = await super().current(session_id)
+            span.set("sidecar.session.found", session is not None)
+            if session is not None:
+                span.set("sidecar.session.hash", session.h)
+            return session
 
 
 def _refs(record: SessionRecord) -> list[str]:

@@ -16,6 +16,7 @@ from sidecar.oidc import BearerVerifier, OIDCClient
 from sidecar.refresh import Refresher
 from sidecar.session import SessionManager
 from sidecar.session.cookie import Cookies
+from sidecar.telemetry import Tracing
 from sidecar.web.csrf import CsrfPolicy
 from sidecar.web.ratelimit import ClientRateLimiter
 
@@ -35,6 +36,7 @@ __all__ = [
     "ROUTE",
     "ROUTER",
     "SESSIONS",
+    "TRACING",
 ]
 
 ADMISSION: Final = web.AppKey("admission", Admission)
@@ -50,5 +52,7 @@ BEARER: Final = web.AppKey("bearer", BearerVerifier)
 LOGIN_LIMITER: Final = web.AppKey("login_limiter", ClientRateLimiter)
 FORWARDED: Final = web.AppKey("forwarded_policy", ForwardedPolicy)
 PUBLIC: Final = web.AppKey("public_paths", PathPrefixes)
+# Set only with tracing on (sidecar/telemetry.py): `app.get(TRACING)` is None when off.
+TRACING: Final = web.AppKey("tracing", Tracing)
 # The metrics label of the request's route: an upstream prefix or a sidecar endpoint.
 ROUTE: Final = web.RequestKey("route", str)

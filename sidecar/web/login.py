@@ -23,8 +23,18 @@ from sidecar.errors import InvalidIDToken, TokenRequestError
 from sidecar.oidc import challenge_s256, new_verifier
 from sidecar.oidc.tokens import session_claims
 from sidecar.session import PendingLogin, SessionRecord
+from sidecar.telemetry import span
 from sidecar.web.authenticate import START_PATH, redirect, requester, safe_return_path
-from sidecar.web.keys import CONFIG, COOKIES, LOGIN_LIMITER, METRICS, OIDC, ROUTE, SESSIONS
+from sidecar.web.keys import (
+    CONFIG,
+    COOKIES,
+    LOGIN_LIMITER,
+    METRICS,
+    OIDC,
+    ROUTE,
+    SESSIONS,
+    TRACING,
+)
 from sidecar.web.responses import error_response, is_navigation
 
 __all__ = ["callback", "start"]
@@ -103,19 +113,26 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _login_failed(request, 400, "invalid_request", "The login link is incomplete.")
 
     requested_at = time.time()
-    try:
-        tokens = await client.exchange_code(code, pending.code_verifier)
-        if tokens.id_token is None:
-            raise InvalidIDToken("token response has no id_token")
-        claims = await client.validate_id_token(
-            tokens.id_token, nonce=pending.nonce, access_token=tokens.access_token
-        )
-    except TokenRequestError as exc:
-        log.warning("code exchange refused", extra={"error": exc.error})
-        return _login_failed(request, 400, "login_failed", "The login could not be completed.")
-    except InvalidIDToken as exc:
-        log.warning("ID token rejected", extra={"reason": str(exc)})
-        return _login_failed(request, 400, "invalid_id_token", "The login could not be verified.")
+    # The code exchange and the ID token's checks; the IdP call is its `idp.token` child.
+    with span(request.app.get(TRACING), "login.code_exchange") as exchange:
+        try:
+            tokens = await client.exchange_code(code, pending.code_verifier)
+            if tokens.id_token is None:
+                raise InvalidIDToken("token response has no id_token")
+            claims = await client.validate_id_token(
+                tokens.id_token, nonce=pending.nonce, access_token=tokens.access_token
+            )
+        except TokenRequestError as exc:
+            log.warning("code exchange refused", extra={"error": exc.error})
+            exchange.set("sidecar.login.outcome", "refused")
+            return _login_failed(request, 400, "login_failed", "The login could not be completed.")
+        except InvalidIDToken as exc:
+            log.warning("ID token rejected", extra={"reason": str(exc)})
+            exchange.set("sidecar.login.outcome", "invalid_id_token")
+            return _login_failed(
+                request, 400, "invalid_id_token", "The login could not be verified."
+            )
+        exchange.set("sidecar.login.outcome", "ok")
 
     profile = await client.userinfo(tokens.access_token)
     if profile is not None and profile.get("sub") != claims["sub"]:

@@ -54,6 +54,9 @@ CHANGELOG = REPO_ROOT / "CHANGELOG.md"
 DIST_NAME = "auth_sidecar"  # the project name as file names spell it
 BUILD_TIMEOUT = 300
 INSTALL_TIMEOUT = 300
+# Imported only when configured, from an optional extra the fresh venv (the base install)
+# leaves out: the package's top-level name, and the extra.
+OPTIONAL_IMPORTS = {"opentelemetry": "otel"}
 
 # The variables that would point a child Python at the wrong place (or at this venv).
 _PYTHON_VARIABLES = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV")
@@ -431,7 +434,8 @@ def test_every_module_imports_from_the_fresh_venv(release: Release, installed: I
     from the venv's site-packages and not from the repository; so does every third-party
     package any module imports, function-level imports included."""
     modules = [m for m in release.modules if m != "sidecar.__main__"]  # __main__ runs main()
-    _, external = _imports(release.source, release.package_files)
+    _, imported = _imports(release.source, release.package_files)
+    external = imported - set(OPTIONAL_IMPORTS)
     code = (
         "import importlib, importlib.util, json, sys\n"
         "modules, external = json.loads(sys.argv[1])\n"
@@ -490,6 +494,26 @@ def test_check_config_and_schema_from_the_fresh_venv(installed: Installed) -> No
     assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
     assert {"server", "oidc", "session", "upstreams"} <= set(schema["properties"])
+
+
+def test_tracing_without_its_extra_names_the_key(installed: Installed) -> None:
+    """The base install has no opentelemetry; a configuration that turns tracing on is
+    refused by `check-config`, naming `telemetry.otlp_endpoint` and the extra to install."""
+    done = installed.run(
+        str(installed.python),
+        "-I",
+        "-c",
+        "import importlib.util as u; print(u.find_spec('opentelemetry'))",
+    )
+    assert done.stdout == "None\n", (done.stdout, done.stderr)
+    config = installed.workdir / "traced.yaml"
+    telemetry = {"otlp_endpoint": "http://127.0.0.1:4318/v1/traces"}
+    config.write_text(yaml.safe_dump(fixed_config(telemetry=telemetry)))
+    done = installed.run(str(installed.script), "check-config", "--config", str(config))
+    assert done.returncode == 1, done.stdout
+    assert "telemetry.otlp_endpoint: " in done.stderr, done.stderr
+    assert f"auth-sidecar[{OPTIONAL_IMPORTS['opentelemetry']}]" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.fixture

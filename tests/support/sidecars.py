@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import yaml
@@ -25,6 +25,9 @@ from sidecar.config import Config
 from sidecar.refresh import RefreshTiming
 from sidecar.server import main_runner_options, main_site
 from tests.support.processes import stop_process
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = [
     "Sidecar",
@@ -46,9 +49,17 @@ class Sidecar:
 
     __test__ = False
 
-    def __init__(self, config: Config, refresh_timing: RefreshTiming | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        refresh_timing: RefreshTiming | None = None,
+        span_exporter: SpanExporter | None = None,
+    ) -> None:
+        """`span_exporter`: where spans go with `telemetry.otlp_endpoint` set (memory)."""
         self.config = config
-        self.app, management = build_apps(config, refresh_timing=refresh_timing)
+        self.app, management = build_apps(
+            config, refresh_timing=refresh_timing, span_exporter=span_exporter
+        )
         options = main_runner_options(config, self.app)
         self._main = web.AppRunner(self.app, handle_signals=False, **options)
         self._management = web.AppRunner(management, handle_signals=False, access_log=None)
