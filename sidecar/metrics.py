@@ -87,6 +87,21 @@ class Metrics:
             "Refresh lock acquisitions that found the session's lock held elsewhere.",
             registry=self.registry,
         )
+        self.idp_breaker_open = Gauge(
+            "sidecar_idp_breaker_open",
+            "1 while this process's IdP circuit breaker is open (token endpoint failing: one "
+            "refresh probe per refresh.probe_interval), else 0.",
+            registry=self.registry,
+            multiprocess_mode="livemax",  # with workers: 1 if any live worker's is open
+        )
+        self.idp_breaker_transitions = Counter(
+            "sidecar_idp_breaker_transitions",
+            "IdP circuit breaker transitions, by the state entered: open or closed.",
+            ["state"],
+            registry=self.registry,
+        )
+        for state in ("open", "closed"):
+            self.idp_breaker_transitions.labels(state)  # exported at 0 before any transition
         self.login_rate_limited = Counter(
             "sidecar_login_rate_limited",
             "/oauth2/start calls refused with 429: the client address ran out of tokens.",
@@ -111,14 +126,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-
         self.access_log_dropped = Counter(
             "sidecar_access_log_dropped",
             "Access log lines lost: stderr too far behind (more than 8 MiB waiting) or a "
             "failed write.",
             registry=self.registry,
         )
-
         self.ready = Gauge(
             "sidecar_ready",
             "1 while /readyz answers 200, 0 while it answers 503 (starting, draining, or a "
@@ -144,16 +157,6 @@ class Metrics:
         # Labelled children by label values: `labels()` costs a lock and a tuple per call.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
-    def readiness_changed(self, ready: bool, flap: bool) -> None:
-        """/readyz turned ready or unready (sidecar/health.py calls this on each change)."""
-        self.ready.set(ready)
-        if flap:
-            self.readiness_transitions.inc()
-
-    def dependency_reported(self, name: str, up: bool) -> None:
-        """A dependency's check answered (sidecar/health.py calls this on each report)."""
-        self.dependency_up.labels(name).set(up)
-
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and observe its duration (the per-request hot path)."""
         key = (route, method, status)
@@ -166,6 +169,16 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def readiness_changed(self, ready: bool, flap: bool) -> None:
+        """/readyz turned ready or unready (sidecar/health.py calls this on each change)."""
+        self.ready.set(ready)
+        if flap:
+            self.readiness_transitions.inc()
+
+    def dependency_reported(self, name: str, up: bool) -> None:
+        """A dependency's check answered (sidecar/health.py calls this on each report)."""
+        self.dependency_up.labels(name).set(up)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -258,24 +258,33 @@ class RedisConfig(_Section):
 
 
 _LATE_ANSWER_MAX: Final = 600.0  # seconds; a grant unanswered this long is not coming back
+# seconds; a shorter lease, renewed every third, would be lost to one slow Redis reply.
+_LEASE_MIN: Final = 1.0
 
 
 class RefreshConfig(_Section):
     before_expiry: Duration = 60.0
     idp_timeout: Duration = 10.0
-    lock_ttl: Duration = 30.0
+    # The lock's lease: renewed every third of it while its holder lives, so a dead holder's
+    # lock is taken over within it (docs/refresh.md, "The lease").
+    lock_ttl: Duration = 5.0
     wait_timeout: Duration = 15.0
     late_answer_timeout: Duration = 60.0
+    # While the IdP circuit breaker is open, one refresh grant per interval and process
+    # probes the IdP (docs/refresh.md, "IdP circuit breaker").
+    probe_interval: Duration = 1.0
 
     @model_validator(mode="after")
     def _relations(self) -> Self:
-        # docs/refresh.md step 3: the lock must outlive the IdP call, and a waiter must wait at
-        # least as long as the holder's call can take.
+        # docs/refresh.md step 3: a waiter must wait at least as long as the holder's call can
+        # take. The lease need not outlive the call: its holder renews it meanwhile.
         if self.idp_timeout <= 0:
             raise ValueError("idp_timeout: must be greater than 0")
-        if self.lock_ttl <= self.idp_timeout:
+        if self.probe_interval <= 0:
+            raise ValueError("probe_interval: must be greater than 0")
+        if self.lock_ttl < _LEASE_MIN:
             raise ValueError(
-                "lock_ttl: must be greater than refresh.idp_timeout (3x is a good choice)"
+                f"lock_ttl: must be at least {_LEASE_MIN:.0f}s (renewed every third of it)"
             )
         if self.wait_timeout < self.idp_timeout:
             raise ValueError("wait_timeout: must be at least refresh.idp_timeout")

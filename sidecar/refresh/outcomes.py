@@ -20,6 +20,7 @@ class Outcome(StrEnum):
     UNAVAILABLE = "unavailable"  # token expired and no refresh possible now
     WAIT_TIMEOUT = "wait_timeout"  # another replica's grant still running at wait_timeout
     WRITE_CONFLICT = "write_conflict"  # our lock expired and another write won
+    LEASE_LOST = "lease_lost"  # our lock's lease may have run out: the answer is not written
     ERROR = "error"  # anything unexpected
     # The session is over: log in again.
     ENDED = "ended"

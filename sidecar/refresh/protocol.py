@@ -2,12 +2,15 @@
 
 1. Fresh enough → use the token; no lock, no write.
 2. In-process single-flight per session, in a shielded task of its own.
-3. Redis lock per session; a waiter listens on the event channel and polls the record.
+3. Redis lock per session, held by a short lease its holder renews; a waiter listens on the
+   event channel and polls the record, and takes over within the lease if the holder dies.
 4. Holding the lock, re-read: another replica may have refreshed already.
 5. One refresh grant; retried only if it certainly never left. Callers stop waiting for it at
    `idp_timeout`, the grant itself runs on up to `late_answer_timeout` (a late answer is kept).
 6. Fenced write, publish, release; `invalid_grant` ends the session; a transient failure
-   records `next_attempt_at` and the current token is used while it is still valid.
+   opens the IdP circuit breaker (breaker.py): until a probe succeeds, due sessions use their
+   current token while it is still valid, else 503. Only a failure of one session alone
+   (`rejected`) records `next_attempt_at` for it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NoReturn
@@ -29,15 +32,18 @@ from sidecar.errors import (
     InvalidIDToken,
     RefreshUnavailable,
     SessionEnded,
+    SidecarError,
     StoreUnavailable,
     TokenRequestError,
 )
 from sidecar.metrics import Metrics
-from sidecar.oidc import OIDCClient
+from sidecar.oidc import OIDCClient, TokenResponse
 from sidecar.oidc.tokens import is_jwt
+from sidecar.refresh.breaker import IdPBreaker, Pass
 from sidecar.refresh.outcomes import Outcome
 from sidecar.session import Session, SessionManager, SessionRecord
 from sidecar.session.store import ENDED, FAILED, REFRESHED, Events, Locks
+from sidecar.telemetry import Tracing, current_span, span
 
 __all__ = ["RefreshTiming", "Refresher", "refresh_window"]
 
@@ -57,6 +63,7 @@ class RefreshTiming:
 
     poll_interval: float = 0.25  # a waiter re-reads the record this often (its real guarantee)
     watchdog_margin: float = 5.0  # the lock may outlive late_answer_timeout by this, no more
+    renew_retry: float = 0.25  # a lease renewal that met a Redis blip is tried again this soon
     backoff_base: float = 1.0  # first wait after a transient failure, doubling, with jitter
     backoff_max: float = 60.0
     save_retry: float = 0.1  # between writes of a new token set while Redis is away
@@ -68,6 +75,8 @@ class _Flight:
     """One session's refresh in this process: the task, and when its grant left (if it has)."""
 
     task: asyncio.Task[Session]
+    # Who asked first: the client address and request id of the refresh's audit line.
+    requester: Mapping[str, str | None] = field(default_factory=dict)
     sent: asyncio.Future[float] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -82,10 +91,16 @@ class _Lease:
     """Our hold on a session's refresh lock, and until when it surely lasts (monotonic).
 
     Counted from before the command that set or extended it, so it never overestimates.
+    `renew_until`: the watchdog renews it no longer than this (docs/refresh.md, "The lease").
     """
 
     owner: str
     valid_until: float
+    renew_until: float
+
+
+class _LeaseLost(RefreshUnavailable):
+    """Our lease may have run out: another replica may hold the lock, so we write nothing."""
 
 
 def refresh_window(record: SessionRecord, before_expiry: float) -> float:
@@ -111,7 +126,9 @@ class Refresher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         timing: RefreshTiming = RefreshTiming(),
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing  # refresh, lock wait, grant and write spans (docs/operations.md)
         self._sessions = sessions
         self._oidc = oidc
         self._locks = locks
@@ -121,9 +138,20 @@ class Refresher:
         self._clock = clock
         self._timing = timing
         self._inflight: dict[str, _Flight] = {}
+        self._breaker = IdPBreaker(config.probe_interval, config.idp_timeout, metrics)
+        # Every outcome exported at 0 from start-up, so an alert's rate() sees the first
+        # failure (docs/operations.md, "Dashboard and alerts").
+        for outcome in Outcome:
+            metrics.refresh_outcomes.labels(outcome)
 
-    async def ensure_fresh(self, session: Session) -> Session:
-        """A session whose access token the upstream will accept, or an error to answer with."""
+    async def ensure_fresh(
+        self, session: Session, requester: Callable[[], Mapping[str, str | None]] | None = None
+    ) -> Session:
+        """A session whose access token the upstream will accept, or an error to answer with.
+
+        `requester` names the caller (client address, request id) for the audit line of a
+        refresh it starts; called only then.
+        """
         if self._usable(session.record) is True:
             return session
         # Step 2: register before the first await; shield so a client that goes away
@@ -132,7 +160,7 @@ class Refresher:
         flight = self._inflight.get(session.h)
         if flight is None:
             task = asyncio.create_task(self._from_store(session), name="session-refresh")
-            flight = _Flight(task)
+            flight = _Flight(task, requester() if requester is not None else {})
             self._inflight[session.h] = flight
             task.add_done_callback(partial(self._forget, session.h, flight))
         else:
@@ -153,7 +181,38 @@ class Refresher:
             return latest
         if decision is False:
             self._unavailable(latest.record)
-        return await self._refresh(latest)
+        admitted = await self._admit(latest)
+        if admitted is None:
+            return latest  # the breaker is open and the token still valid
+        try:
+            with span(self._tracing, "refresh", attributes={"sidecar.session.hash": latest.h}):
+                return await self._refresh(latest)
+        finally:
+            self._breaker.release(admitted)
+
+    async def _admit(self, session: Session) -> Pass | None:
+        """The IdP circuit breaker's leave to refresh (docs/refresh.md, "IdP circuit breaker").
+
+        Decided before the Redis lock, so a refused session costs no lock traffic. Refused:
+        None while the token is still valid; an expired one waits briefly for a running
+        probe (which may close the breaker), else 503.
+        """
+        record = session.record
+        if record.access_expires_at - self._clock() > _margin(record):
+            return self._breaker.admit(session.h)
+        admitted = await self._breaker.admit_after_probe(session.h)
+        if admitted is None:
+            self._while_open(session)
+        return admitted
+
+    def _while_open(self, session: Session) -> Session:
+        """The breaker is open: the current token while still valid, else 503 with a
+        Retry-After of at most `probe_interval`."""
+        record = session.record
+        if record.access_expires_at - self._clock() > _margin(record):
+            return session
+        retry_after = self._breaker.retry_after()
+        raise RefreshUnavailable("token expired; the IdP is unavailable", retry_after=retry_after)
 
     async def _answer(self, flight: _Flight, session: Session) -> Session:
         """The flight's result, or after `idp_timeout` of grant the current token / 503.
@@ -221,15 +280,27 @@ class Refresher:
         except SessionEnded as exc:
             outcome = exc.reason
             raise
+        except _LeaseLost:
+            # Nothing written: the lock's next holder has the last word (docs/refresh.md,
+            # "The lease"); the current token serves meanwhile while it is still valid.
+            outcome = Outcome.LEASE_LOST
+            return self._current_or_unavailable(session)
         except RefreshUnavailable:
             outcome = Outcome.UNAVAILABLE
             raise
         finally:
             duration = time.perf_counter() - started
+            current_span(self._tracing).set("sidecar.refresh.outcome", outcome)
             self._metrics.refresh_outcomes.labels(outcome).inc()
             record = session.record
+            flight = self._inflight.get(session.h)
             audit(
-                "refresh", session=session.h, iss=record.issuer, sub=record.subject, outcome=outcome
+                "refresh",
+                session=session.h,
+                iss=record.issuer,
+                sub=record.subject,
+                outcome=outcome,
+                **(flight.requester if flight is not None else {}),
             )
             log.info(
                 "refresh",
@@ -248,18 +319,23 @@ class Refresher:
             asked = time.monotonic()
             owner = await self._locks.acquire(current.h, self._config.lock_ttl)
             if owner is not None:
-                lease = _Lease(owner, asked + self._config.lock_ttl)
+                lease = _Lease(owner, asked + self._config.lock_ttl, self._renewal_limit())
                 return await self._refresh_holding(current, lease)
             # Step 3: another process holds the lock. Wait for its outcome.
             self._metrics.lock_contention.inc()
             waited = time.perf_counter()
-            current = await self._wait_for_holder(current, deadline)
+            with span(self._tracing, "refresh.lock_wait"):
+                current = await self._wait_for_holder(current, deadline)
             self._metrics.lock_wait.observe(time.perf_counter() - waited)
+            self._breaker.learn(session.record, current.record)  # the holder's grant, if any
             decision = self._usable(current.record)
             if decision is True:
                 return current, Outcome.REFRESHED_ELSEWHERE
             if decision is False:
                 self._unavailable(current.record)
+            if not self._breaker.admits(current.h):
+                # The holder's grant failed and opened the breaker: this one is no probe.
+                return self._while_open(current), Outcome.REFRESHED_ELSEWHERE
             if time.monotonic() >= deadline:
                 break
         # The holder's grant may still be running (a late answer is waited for): a still-valid
@@ -289,6 +365,8 @@ class Refresher:
 
     async def _refresh_holding(self, session: Session, lease: _Lease) -> tuple[Session, Outcome]:
         h = session.h
+        done = asyncio.Event()
+        watchdog = asyncio.create_task(self._keep_lock(h, lease, done), name="refresh-lease")
         try:
             # Step 4: re-read under the lock; another replica may have refreshed already.
             latest = await self._sessions.load(session.id)
@@ -301,6 +379,11 @@ class Refresher:
                 self._unavailable(latest.record)
             return await self._grant(latest, lease)
         finally:
+            # Stop by flag, not only by cancellation: redis-py may swallow a cancellation,
+            # and a watchdog failure must never replace the grant's outcome.
+            done.set()
+            watchdog.cancel()
+            await asyncio.wait({watchdog}, timeout=1.0)
             try:
                 await self._locks.release(h, lease.owner)
             except StoreUnavailable:
@@ -313,14 +396,14 @@ class Refresher:
         interrupted = await self._sessions.grant_sent_at(session)
         requested_at = self._clock()
         await self._sessions.mark_grant_sent(session, requested_at)
-        done = asyncio.Event()
-        watchdog = asyncio.create_task(self._keep_lock(session.h, lease, done))
+        lease.renew_until = self._renewal_limit()  # the grant may be answered until then
         started = time.perf_counter()
         flight = self._inflight.get(session.h)
         if flight is not None:
             flight.mark_sent()  # callers now wait idp_timeout at most; the grant runs on
         try:
-            tokens = await self._oidc.refresh(record.refresh_token)
+            with span(self._tracing, "refresh.grant"):  # the IdP call: its `idp.token` below
+                tokens = await self._sent_while_held(session.h, lease, record.refresh_token)
             validated = None
             if tokens.id_token is not None:
                 # OIDC Core §12.2: same iss, sub and aud as the original ID token.
@@ -345,7 +428,12 @@ class Refresher:
             )
             raise SessionEnded("refresh token refused by the IdP", reason=reason) from exc
         except IdPUnavailable as exc:
-            log.warning("refresh failed", extra={"session": session.h[:12], "error": str(exc)})
+            took = round((time.perf_counter() - started) * 1000, 1)  # since the grant left
+            log.warning(
+                "refresh failed",
+                extra={"session": session.h[:12], "error": str(exc), "duration_ms": took},
+            )
+            self._breaker.failed(str(exc))  # also when the IdP's keys, not its grant, failed
             return await self._failed(session, Outcome.TRANSIENT, maybe_rotated=exc.maybe_sent)
         except InvalidIDToken as exc:
             # The IdP rotated, but we cannot confirm who the tokens belong to: fail closed.
@@ -355,11 +443,6 @@ class Refresher:
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.idp_latency.observe(elapsed)
-            # Stop by flag, not only by cancellation: redis-py may swallow a cancellation,
-            # and a watchdog failure must never replace the grant's outcome.
-            done.set()
-            watchdog.cancel()
-            await asyncio.wait({watchdog}, timeout=1.0)
 
         updated = record.rotated(
             tokens,
@@ -368,7 +451,10 @@ class Refresher:
             access_claims=access,
             previous_access_claims=previous,
         )
-        if not await self._save_rotated(session, updated, lease):
+        with span(self._tracing, "refresh.save") as traced:  # the fenced write
+            saved = await self._save_rotated(session, updated, lease)
+            traced.set("sidecar.refresh.saved", saved)
+        if not saved:
             latest = await self._sessions.load(session.id)
             if latest is None:
                 # Deleted meanwhile (logout): never resurrect it.
@@ -403,6 +489,8 @@ class Refresher:
         """
         retried = False
         while True:
+            if not await self._holds(session.h, lease):
+                self._lost(session.h)
             try:
                 if await self._sessions.save(session, updated):
                     return True
@@ -427,44 +515,98 @@ class Refresher:
             and latest.record.access_token == record.access_token
         )
 
-    async def _keep_lock(self, h: str, lease: _Lease, done: asyncio.Event) -> None:
-        """Extend the lock while the grant runs, up to `late_answer_timeout` plus a margin.
+    def _renewal_limit(self) -> float:
+        """How long from now a lease may be renewed: a grant sent now may be answered until
+        `late_answer_timeout` has passed, and the lock must outlive it by the margin."""
+        return time.monotonic() + self._config.late_answer_timeout + self._timing.watchdog_margin
 
-        No other replica may send a grant while ours may still be answered late.
+    async def _keep_lock(self, h: str, lease: _Lease, done: asyncio.Event) -> None:
+        """Renew our lease every third of it while we hold the lock, up to `lease.renew_until`.
+
+        The lease is short so that waiters take over within it when its holder dies; renewed,
+        it stays ours while we live, so no other replica sends a grant while ours may still
+        be answered late (docs/refresh.md, "The lease").
         """
         ttl = self._config.lock_ttl
-        limit = time.monotonic() + self._config.late_answer_timeout + self._timing.watchdog_margin
+        pause = ttl / 3
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), ttl / 3)
-            remaining = limit - time.monotonic()
+                await asyncio.wait_for(done.wait(), pause)
+            remaining = lease.renew_until - time.monotonic()
             if done.is_set() or remaining <= 0:
                 return
             asked, extension = time.monotonic(), min(ttl, remaining + 1)
+            pause = ttl / 3
             try:
                 if not await self._locks.extend(h, lease.owner, extension):
-                    log.error("refresh lock lost during a grant", extra={"session": h[:12]})
+                    log.error("refresh lock lost", extra={"session": h[:12]})
                     lease.valid_until = 0.0
                     return
                 lease.valid_until = asked + extension
             except StoreUnavailable:
-                # A blip: try again next tick; the lock still has up to lock_ttl to run.
-                log.warning("refresh lock not extended", extra={"session": h[:12]})
+                # A blip: try again soon while the lease still runs; once it may have run
+                # out we write nothing (`_holds`).
+                log.warning("refresh lock not renewed", extra={"session": h[:12]})
+                pause = min(pause, self._timing.renew_retry)
+
+    async def _holds(self, h: str, lease: _Lease) -> bool:
+        """Whether our lease surely holds; Redis is asked only when it may have run out.
+
+        A compare-and-extend that succeeds proves the lock never lapsed (nobody else can own
+        it under our random owner token), so a renewal lost to a blip costs no answer.
+        """
+        if time.monotonic() < lease.valid_until - self._timing.lease_margin:
+            return True
+        asked, ttl = time.monotonic(), self._config.lock_ttl
+        try:
+            extended = await self._locks.extend(h, lease.owner, ttl)
+        except StoreUnavailable:
+            return False
+        if extended:
+            lease.valid_until = asked + ttl
+        return extended
+
+    def _lost(self, h: str) -> NoReturn:
+        """Another replica may hold the lock now and send its own grant: whatever our grant
+        got is not written, not even a failure (the invariant's one hole, docs/refresh.md)."""
+        log.error("refresh lock lost; the grant's answer is not stored", extra={"session": h[:12]})
+        raise _LeaseLost("the refresh lock was lost; try again", retry_after=1)
+
+    async def _sent_while_held(self, h: str, lease: _Lease, refresh_token: str) -> TokenResponse:
+        """The grant's answer, to act on only while our lease holds."""
+        try:
+            with self._breaker.watching():  # its answer, or none, moves the IdP breaker
+                tokens = await self._oidc.refresh(refresh_token)
+        except SidecarError:
+            if not await self._holds(h, lease):
+                self._lost(h)
+            raise
+        if not await self._holds(h, lease):
+            self._lost(h)
+        return tokens
 
     async def _failed(
         self, session: Session, outcome: Outcome, *, maybe_rotated: bool
     ) -> tuple[Session, Outcome]:
-        """Step 6, ambiguous failure: back off, tell waiters, keep the session."""
+        """Step 6, ambiguous failure: tell waiters, keep the session.
+
+        Only a failure of this session alone (`rejected`) backs it off. A transient one is the
+        IdP's, and has opened the breaker instead: the record just gets a new version, which
+        tells waiters on other processes that the grant failed (`IdPBreaker.learn`).
+        """
         record = session.record
-        failures = record.failed_attempts + 1
-        timing = self._timing
-        delay = min(timing.backoff_max, timing.backoff_base * 2 ** (failures - 1))
-        delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
-        failed = record.evolve(
-            version=record.version + 1,
-            next_attempt_at=self._clock() + delay,
-            failed_attempts=failures,
-        )
+        if outcome is Outcome.TRANSIENT:
+            failed = record.evolve(version=record.version + 1)
+        else:
+            failures = record.failed_attempts + 1
+            timing = self._timing
+            delay = min(timing.backoff_max, timing.backoff_base * 2 ** (failures - 1))
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+            failed = record.evolve(
+                version=record.version + 1,
+                next_attempt_at=self._clock() + delay,
+                failed_attempts=failures,
+            )
         saved = await self._sessions.save(session, failed)
         if saved and maybe_rotated:
             # The grant may have reached the IdP and rotated the token: keep the mark so a
@@ -474,6 +616,8 @@ class Refresher:
         if not saved:
             raise SessionEnded("session ended during refresh", reason=Outcome.ENDED_DURING_REFRESH)
         updated = session.with_record(failed)
+        if outcome is Outcome.TRANSIENT:
+            return self._while_open(updated), outcome
         if record.access_expires_at - self._clock() > _margin(record):
             return updated, outcome
         self._unavailable(failed)

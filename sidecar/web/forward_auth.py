@@ -16,6 +16,7 @@ reason the `X-Forwarded-*` description is believed only from them.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Final, NamedTuple
 
 from aiohttp import web
@@ -24,7 +25,13 @@ from yarl import URL
 from sidecar.access.admission import Headers
 from sidecar.errors import InvalidBearerToken, SessionEnded
 from sidecar.forwarding.paths import PATH, BadPath, CanonicalPath, canonical_path
-from sidecar.web.authenticate import START_PATH, authenticate, forbidden, unauthorized_json
+from sidecar.web.authenticate import (
+    START_PATH,
+    authenticate,
+    forbidden,
+    requester,
+    unauthorized_json,
+)
 from sidecar.web.bearer import insufficient_scope, invalid_token, presented_token
 from sidecar.web.csrf import SAFE_METHODS
 from sidecar.web.keys import (
@@ -94,7 +101,9 @@ async def forward_auth(request: web.Request) -> web.StreamResponse:
     session = await authenticate(request)
     if session is not None:
         try:
-            session = await request.app[REFRESHER].ensure_fresh(session)
+            session = await request.app[REFRESHER].ensure_fresh(
+                session, partial(requester, request)
+            )
         except SessionEnded:
             session = None
     scope = upstream.prefix if upstream is not None else _SCOPE

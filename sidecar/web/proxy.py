@@ -9,6 +9,8 @@ docs/rules.md).
 
 from __future__ import annotations
 
+from functools import partial
+
 from aiohttp import web
 
 from sidecar.access.routes import Route
@@ -20,6 +22,7 @@ from sidecar.web.authenticate import (
     authenticate,
     denied,
     forbidden,
+    requester,
     unauthenticated,
 )
 from sidecar.web.bearer import insufficient_scope, invalid_token, presented_token
@@ -69,7 +72,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return error_response(
             request, 403, "csrf", "this request must come from a page of this site"
         )
-    session = await app[REFRESHER].ensure_fresh(session)
+    session = await app[REFRESHER].ensure_fresh(session, partial(requester, request))
     identity = admission.headers(session, upstream.prefix, upstream.config.access, route)
     if identity is None:
         return forbidden(request, session, upstream.prefix)

@@ -508,11 +508,14 @@ def test_bad_value_names_key(key: str, value: object, expected: str) -> None:
 # --- relations between keys ------------------------------------------------------------------
 
 
-def test_lock_ttl_must_exceed_idp_timeout() -> None:
-    """refresh.lock_ttl not above refresh.idp_timeout is refused, naming lock_ttl."""
-    data = with_values(refresh={"idp_timeout": "10s", "lock_ttl": "10s"})
-    (problem,) = problems(data)
-    assert problem.startswith("refresh.lock_ttl: must be greater than refresh.idp_timeout")
+def test_lock_ttl_is_a_lease_of_at_least_a_second() -> None:
+    """refresh.lock_ttl below 1 s is refused, naming lock_ttl; the holder renews it, so it
+    need not exceed refresh.idp_timeout, and an older config's 30 s still loads."""
+    (problem,) = problems(with_values(refresh={"lock_ttl": "900ms"}))
+    assert problem.startswith("refresh.lock_ttl: must be at least 1s")
+    assert parse(with_values(refresh={"idp_timeout": "10s"})).refresh.lock_ttl == 5.0
+    assert parse(with_values(refresh={"idp_timeout": "10s", "lock_ttl": "1s"})).refresh
+    assert parse(with_values(refresh={"lock_ttl": "30s"})).refresh.lock_ttl == 30.0
 
 
 def test_wait_timeout_at_least_idp_timeout() -> None:

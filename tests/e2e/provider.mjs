@@ -26,7 +26,17 @@
 //                                  old one in the JWKS and signs from now on; answers the kids
 //   POST /__test/outage?mode=M     token endpoint outage: M=503 answers 503 without looking at
 //                                  the request, M=reset drops the connection unanswered, M=off
-//                                  ends it; either way no grant is processed (token_outage_hits)
+//                                  ends it; either way no grant is processed (token_outage_hits;
+//                                  token_outage_times: when each refused request came, Unix s)
+//   POST /__test/slow?seconds=N    the token endpoint processes each request at once (a refresh
+//                                  grant rotates) but holds its answer back N seconds; 0 ends
+//                                  it (slow_token_answers). A client that dies meanwhile has
+//                                  lost the rotated tokens: the dead-lock-holder tests use it
+//   POST /__test/refresh-grace?seconds=N  a rotated refresh token is accepted again for N
+//                                  seconds after its first use, like Okta's grace period (30 s by
+//                                  default), Auth0's rotation overlap or Keycloak's max reuse;
+//                                  reuse after that is detected as before (refresh_grace_reuses);
+//                                  0 ends it
 //
 // Key rotation builds a new Provider instance on the same server and issuer with the same
 // cookie keys and the same adapter store: oidc-provider reads `jwks` only at construction, so
@@ -153,6 +163,9 @@ const stats = {
   jwks_requests: 0,
   key_rotations: 0,
   token_outage_hits: 0,
+  token_outage_times: [],
+  slow_token_answers: 0,
+  refresh_grace_reuses: 0,
   signing_kids: [],
 };
 
@@ -162,6 +175,46 @@ function count(map, key) {
 
 // The token value of an opaque access token is its jti; tests get only a hash of it.
 const sha256 = (value) => crypto.createHash('sha256').update(value).digest('hex');
+
+// Seconds, set through POST /__test/slow and /__test/refresh-grace.
+const testModes = { tokenDelay: 0, refreshGrace: 0 };
+
+// Koa middleware: the token endpoint's answer is held back after the grant was processed.
+async function slowTokenAnswers(ctx, next) {
+  const delay = testModes.tokenDelay;
+  await next();
+  if (delay > 0 && ctx.path === '/token') {
+    stats.slow_token_answers += 1;
+    await new Promise((resolve) => { setTimeout(resolve, delay * 1000); });
+  }
+}
+
+// The grace window of IdPs that accept the previous refresh token for a while: a refresh
+// token consumed (rotated) less than testModes.refreshGrace seconds ago is found unconsumed,
+// so oidc-provider rotates it again instead of revoking the grant. Its first use starts the
+// window; a use within it does not extend it.
+function withRefreshGrace(adapterFor) {
+  return (model) => {
+    const adapter = adapterFor(model);
+    if (model !== 'RefreshToken') return adapter;
+    const find = adapter.find.bind(adapter);
+    const consume = adapter.consume.bind(adapter);
+    adapter.find = async (id) => {
+      const payload = await find(id);
+      const age = Math.floor(Date.now() / 1000) - (payload?.consumed ?? 0);
+      if (payload?.consumed && age < testModes.refreshGrace) {
+        stats.refresh_grace_reuses += 1;
+        const { consumed: _consumed, ...unconsumed } = payload;
+        return unconsumed;
+      }
+      return payload;
+    };
+    adapter.consume = async (id) => {
+      if (!(await find(id))?.consumed) await consume(id);
+    };
+    return adapter;
+  };
+}
 
 function buildProvider(issuer, config, jwks, cookieKeys, adapter) {
   const accessTtl = Number(config.access_token_ttl ?? 60);
@@ -409,13 +462,14 @@ async function main() {
   });
   const issuer = `http://${HOST}:${server.address().port}`;
   const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
-  const adapter = createMemoryAdapter();
+  const adapter = withRefreshGrace(createMemoryAdapter());
   let provider;
   let callback;
   const install = () => {
     const jwks = signingKeys();
     stats.signing_kids = jwks.keys.map((k) => k.kid);
     provider = buildProvider(issuer, config, jwks, cookieKeys, adapter);
+    provider.use(slowTokenAnswers);
     callback = provider.callback();
   };
   install();
@@ -433,6 +487,16 @@ async function main() {
       send(res, 200, JSON.stringify({ kids: stats.signing_kids }), 'application/json');
       return;
     }
+    if ((pathname === '/__test/slow' || pathname === '/__test/refresh-grace') && req.method === 'POST') {
+      const seconds = Number(new URL(req.url, issuer).searchParams.get('seconds'));
+      if (!Number.isFinite(seconds) || seconds < 0) {
+        send(res, 400, 'seconds: a number >= 0', 'text/plain');
+        return;
+      }
+      testModes[pathname === '/__test/slow' ? 'tokenDelay' : 'refreshGrace'] = seconds;
+      send(res, 200, JSON.stringify(testModes), 'application/json');
+      return;
+    }
     if (pathname === '/__test/outage' && req.method === 'POST') {
       const mode = new URL(req.url, issuer).searchParams.get('mode');
       if (!['503', 'reset', 'off'].includes(mode)) {
@@ -445,6 +509,7 @@ async function main() {
     }
     if (outage && pathname === '/token') {
       stats.token_outage_hits += 1;
+      stats.token_outage_times.push(Date.now() / 1000);
       if (outage === 'reset') {
         req.socket.destroy();
       } else {

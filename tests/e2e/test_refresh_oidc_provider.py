@@ -11,7 +11,9 @@ per rotation, no refresh token presented twice, every forwarded token accepted) 
 expiries, that a signing key rotation at the IdP is picked up without a restart, and the
 failure policy's IdP-down rows for a token
 endpoint that fails without processing grants, and for a provider frozen past the IdP timeout
-(callers stop waiting; the one grant sent is kept open and its late answer stored).
+(callers stop waiting; the one grant sent is kept open and its late answer stored), and that
+a lock holder killed mid-grant is taken over within the lock's lease (docs/refresh.md, "The
+lease"), with and without an IdP grace window for the previous refresh token.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ from tests.support.browse import browse
 from tests.support.configs import config_dict
 from tests.support.login import JSON, browser, session_cookie
 from tests.support.ports import free_port
-from tests.support.provider import ProviderHandle, set_outage
+from tests.support.provider import (
+    ProviderHandle,
+    set_outage,
+    set_refresh_grace,
+    set_slow_token_answers,
+)
 from tests.support.sidecars import SidecarProcess
 from tests.support.stores import REDIS_URL
 from tests.support.upstreams import Serve, VerifyingUpstream
@@ -475,3 +482,156 @@ async def test_idp_frozen_across_expiry_keeps_session(outage_cluster: Cluster) -
         f"refresh_grants={stats['grants']['refresh_token']} "
         f"reuse={stats['reuse_detections']} refresh_errors={stats['refresh_grant_errors']}"
     )
+
+
+# --- the lock holder killed mid-grant ---------------------------------------------------------
+
+
+DEAD_HOLDER_TTL = 12  # s; with before_expiry 6 s a refresh is due 6 s after login
+# The default lease (lock_ttl 5 s), idp_timeout 10 s and wait_timeout 15 s.
+DEAD_HOLDER_REFRESH = {"before_expiry": "6s"}
+LEASE = 5.0
+SLOW_ANSWER = 8.0  # s; the holder's grant is processed (rotated) at once, answered this late
+KILL_INTO_GRANT = 1.0
+IDP_GRACE = 30  # s; Okta's default grace period for the previous refresh token
+
+
+@dataclass
+class Timed:
+    answer: Answer
+    ended: float
+    final: bool  # 401, or 200 with a token other than the login's
+
+
+async def until_grant_processed(provider: ProviderHandle, grants: int) -> float:
+    """When the provider had processed refresh grant number `grants + 1` (it rotated)."""
+    deadline = time.time() + 5.0
+    while provider.stats()["grants"].get("refresh_token", 0) == grants:
+        assert time.time() < deadline, "the holder's grant never reached the provider"
+        await asyncio.sleep(0.02)
+    return time.time()
+
+
+@pytest.mark.parametrize("grace", [True, False], ids=["idp-grace-30s", "no-grace"])
+async def test_lock_holder_killed_mid_grant_others_answer_within_the_lease(
+    oidc_provider: Any,
+    sidecar_process: Any,
+    upstream_app: Any,
+    redis_prefix: str,
+    grace: bool,
+) -> None:
+    """Three replicas; a due session; the provider processes the refresh grant at once but
+    holds its answer back. The replica holding the lock is SIGKILLed 1 s into that grant,
+    with requests waiting on the other two. The lease (5 s by default) lapses within 5 s of
+    the kill, a waiter takes over, finds the dead holder's "grant sent" mark and sends the
+    grant with the refresh token it has: every waiting request gets a final answer within
+    the lease + 2 s of the kill (docs/refresh.md, "The lease").
+
+    With an IdP that accepts the previous refresh token for 30 s the session survives: the
+    upstream sees the old access token, then exactly one new one. Without that grace the
+    rotation died with the holder: a clean 401 for every request, no 503 meanwhile, counted
+    as a lost rotation (the refresh invariant's one hole, docs/architecture.md)."""
+    cluster = await start_cluster(
+        oidc_provider,
+        sidecar_process,
+        upstream_app,
+        redis_prefix,
+        replicas=3,
+        access_token_ttl=DEAD_HOLDER_TTL,
+        refresh=DEAD_HOLDER_REFRESH,
+    )
+    provider = cluster.provider
+    if grace:
+        set_refresh_grace(provider, IDP_GRACE)
+    cookie = await log_in(cluster)
+    logged_in = time.time()
+    cluster.upstream.seen.clear()
+    waiting: list[Timed] = []
+    async with api_client(cookie) as s:
+        first = [await call(s, cluster, i) for i in range(3)]
+        assert [a.status for a in first] == [200, 200, 200], failure_context(cluster, first)
+        original = json.loads(first[0].body)["token"]
+        await asyncio.sleep(max(0.0, logged_in + DEAD_HOLDER_TTL - 6 + 0.3 - time.time()))
+
+        set_slow_token_answers(provider, SLOW_ANSWER)
+        grants = provider.stats()["grants"].get("refresh_token", 0)
+        holder = asyncio.create_task(call(s, cluster, 0))
+        sent = await until_grant_processed(provider, grants)
+        killed = 0.0
+
+        async def waiter(replica: int) -> None:
+            """Calls until a final answer (200 with a new token, or 401) after the kill."""
+            while True:
+                async with asyncio.timeout(CALL_TIMEOUT * 2):
+                    answer = await call(s, cluster, replica)
+                final = answer.status == 401 or (
+                    answer.status == 200 and json.loads(answer.body)["token"] != original
+                )
+                waiting.append(Timed(answer, time.time(), final))
+                if killed and final:
+                    return
+                await asyncio.sleep(0.1)
+
+        await asyncio.sleep(0.3)
+        waiters = [asyncio.create_task(waiter(r)) for r in (1, 2, 1, 2)]
+        await asyncio.sleep(max(0.0, sent + KILL_INTO_GRANT - time.time()))
+        # Replicas 1 and 2 found the lock held: replica 0, the one that sent the grant, holds it.
+        contention = [metric(p, "sidecar_refresh_lock_contention_total") for p in cluster.replicas]
+        cluster.replicas[0].proc.kill()
+        killed = time.time()
+        set_slow_token_answers(provider, 0)
+        await asyncio.gather(*waiters)
+        with pytest.raises(aiohttp.ClientError):
+            await holder
+        later = [await call(s, cluster, r) for r in (1, 2)]
+
+    context = failure_context(cluster, [t.answer for t in waiting] + later)
+    # Per surviving replica: from the kill to its first final answer.
+    answered = {
+        r: min(t.ended for t in waiting if t.answer.replica == r and t.final and t.ended >= killed)
+        - killed
+        for r in (1, 2)
+    }
+    statuses = Counter(t.answer.status for t in waiting)
+    stats = provider.stats()
+    outcomes = {
+        name: sum(
+            metric(p, "sidecar_refresh_total", f'{{outcome="{name}"}}')
+            for p in cluster.replicas[1:]
+        )
+        for name in ("refreshed", "invalid_grant_lost_rotation", "refreshed_elsewhere")
+    }
+    finals = ", ".join(f"replica {r}: {t:.2f}s" for r, t in answered.items())
+    print(
+        f"\n[dead holder, grace={grace}] killed {killed - sent:.2f}s into the grant; first "
+        f"final answer {finals} after the kill (lease {LEASE:.0f}s); statuses "
+        f"{dict(statuses)} later {[a.status for a in later]}; provider grants="
+        f"{stats['grants'].get('refresh_token')} "
+        f"grace_reuses={stats['refresh_grace_reuses']} reuse={stats['reuse_detections']}; "
+        f"survivors' outcomes {outcomes}"
+    )
+    assert contention[0] == 0 and contention[1] >= 1 and contention[2] >= 1, contention
+    assert set(statuses) <= {200, 401}, (statuses, context)  # no 503 while waiting
+    for replica, seconds in answered.items():
+        assert seconds <= LEASE + 2.0, (replica, seconds, context)
+    if grace:
+        new = {json.loads(t.answer.body)["token"] for t in waiting if t.answer.status == 200}
+        new |= {json.loads(a.body)["token"] for a in later}
+        assert new - {original} and len(new - {original}) == 1, (new, context)
+        assert [a.status for a in later] == [200, 200], context
+        seen: list[str] = []
+        for x in cluster.upstream.seen:
+            if not seen or seen[-1] != x.token_sha256:
+                seen.append(x.token_sha256)
+        assert len(seen) == 2, (seen, context)  # the old token, then exactly one new one
+        assert all(x.userinfo_status == 200 for x in cluster.upstream.seen), context
+        assert stats["refresh_grace_reuses"] >= 1 and stats["reuse_detections"] == 0, context
+        assert stats["revoked_grants"] == [], context
+        assert outcomes["refreshed"] == 1 and outcomes["invalid_grant_lost_rotation"] == 0
+    else:
+        assert statuses[200] == sum(1 for t in waiting if t.ended < killed), (statuses, context)
+        assert all(t.answer.status == 401 for t in waiting if t.ended >= killed), context
+        assert [a.status for a in later] == [401, 401], context
+        assert stats["reuse_detections"] == 1 and stats["refresh_grace_reuses"] == 0, context
+        assert outcomes["invalid_grant_lost_rotation"] == 1 and outcomes["refreshed"] == 0
+    assert stats["server_errors"] == [], context

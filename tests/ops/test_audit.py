@@ -20,6 +20,7 @@ from tests.support.upstreams import Serve, echo_app
 
 ACCESS_TTL = 2.0  # the module's `idp` fixture: tokens that need a refresh within the test
 ADMIN_TOKEN = "admin-token-for-the-tests-0123456789"
+REFRESH_ID = "a1b2c3d4e5f60718a1b2c3d4e5f60718"
 
 
 def events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
@@ -70,7 +71,8 @@ async def test_login_denial_refresh_and_logout_each_leave_one_line(
         async with s.get(sc.url("/admin/x"), headers=JSON) as r:
             assert r.status == 403
         await asyncio.sleep(ACCESS_TTL)
-        async with s.get(sc.url("/app"), headers=JSON) as r:
+        # The request that starts a refresh is named in its line.
+        async with s.get(sc.url("/app"), headers={**JSON, "X-Request-Id": REFRESH_ID}) as r:
             assert r.status == 200
         async with s.post(sc.url("/oauth2/sign_out"), headers={**JSON, "Origin": sc.url("")}) as r:
             assert r.status == 200
@@ -81,8 +83,9 @@ async def test_login_denial_refresh_and_logout_each_leave_one_line(
     assert seen[1]["scope"] == "/admin"
     assert seen[2]["outcome"] == "refreshed"
     assert seen[3]["kind"] == "rp"
-    for entry in (seen[0], seen[1], seen[3]):
+    for entry in seen:
         assert entry["client_ip"] == "127.0.0.1" and entry["request_id"]
+    assert seen[2]["request_id"] == REFRESH_ID
     text = "".join(str(vars(r)) for r in caplog.records if r.name == "sidecar.audit")
     assert cookie not in text and "Bearer" not in text and "ey" + "J" not in text
 

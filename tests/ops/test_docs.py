@@ -80,7 +80,7 @@ redis:
   url: redis://r:6379/0
 refresh:
   idp_timeout: 10s
-  lock_ttl: 5s
+  lock_ttl: 500ms
 upstreams:
   - path: /
     url: http://x:8080

@@ -374,10 +374,13 @@ async def test_lost_rotation_told_apart_from_revocation(rig: Rig) -> None:
 
 # --- 8: transient failures ------------------------------------------------------------------
 
+PROBE_INTERVAL = 1.0  # refresh.probe_interval's default
 
-async def test_transient_failure_backoff_then_recovery(rig: Rig, store_kind: str) -> None:
-    """IdP down: old valid token forwarded, backoff respected, 503 once expired, then recovery."""
-    sc = await rig.sidecar(store_kind, RefreshTiming(backoff_base=0.4))  # shorter, same logic
+
+async def test_transient_failure_opens_breaker_then_recovery(rig: Rig, store_kind: str) -> None:
+    """IdP down: old valid token forwarded, no grant before the next probe, 503 once expired,
+    then recovery at the first probe; the session itself is never backed off."""
+    sc = await rig.sidecar(store_kind)
     cookie = await rig.login(sc)
     rec = await record(sc, cookie)
     await until_due(sc, cookie)
@@ -385,26 +388,29 @@ async def test_transient_failure_backoff_then_recovery(rig: Rig, store_kind: str
     before = stats(rig.idp)
 
     assert await rig.token(sc, cookie) == rec.access_token
+    failed_at = time.monotonic()
     failed = await record(sc, cookie)
-    assert failed.failed_attempts == 1 and failed.next_attempt_at is not None
-    assert failed.next_attempt_at > time.time()
+    # The breaker opened; the record only got a new version (no per-session backoff).
+    assert failed.failed_attempts == 0 and failed.next_attempt_at is None
+    assert failed.version == rec.version + 1
     assert failed.access_token == rec.access_token and failed.refresh_token == rec.refresh_token
     assert stats(rig.idp).token_requests == before.token_requests + 1  # never retried
     assert await rig.token(sc, cookie) == rec.access_token
-    assert stats(rig.idp).token_requests == before.token_requests + 1  # backing off
+    assert stats(rig.idp).token_requests == before.token_requests + 1  # before the next probe
     assert metric(sc, "sidecar_refresh_total", outcome="transient") == 1
+    assert metric(sc, "sidecar_idp_breaker_open") == 1
 
     await asyncio.sleep(max(0.0, rec.access_expires_at + 0.05 - time.time()))
     status, body, headers = await rig.get(sc, cookie)
     assert status == 503 and body["error"] == "refresh_unavailable"
-    assert int(headers["Retry-After"]) >= 1
+    assert 1 <= int(headers["Retry-After"]) <= PROBE_INTERVAL
     assert await stored(sc, cookie)
 
     set_idp(rig.idp, token_endpoint_failures=0)
-    latest = await record(sc, cookie)
-    assert latest.next_attempt_at is not None
-    await asyncio.sleep(max(0.0, latest.next_attempt_at + 0.02 - time.time()))
+    # A probe that left meanwhile failed too and moved the next one on by an interval.
+    await asyncio.sleep(max(0.0, failed_at + 2 * PROBE_INTERVAL + 0.05 - time.monotonic()))
     new = await rig.token(sc, cookie)
+    assert metric(sc, "sidecar_idp_breaker_open") == 0
     done = await record(sc, cookie)
     assert new == done.access_token != rec.access_token
     assert done.next_attempt_at is None and done.failed_attempts == 0
@@ -643,11 +649,11 @@ async def test_timed_out_grant_then_invalid_grant_is_lost_rotation(
     # late_answer_timeout = idp_timeout: the grant itself is abandoned at 1 s.
     sc = await rig.sidecar(
         "redis",
-        RefreshTiming(backoff_base=0.2),
         idp_timeout="1s",
         lock_ttl="4s",
         wait_timeout="1s",
         late_answer_timeout="1s",
+        probe_interval="500ms",
     )
     cookie = await rig.login(sc)
     rec = await record(sc, cookie)
@@ -659,12 +665,11 @@ async def test_timed_out_grant_then_invalid_grant_is_lost_rotation(
     assert status == 503 and body["error"] == "refresh_unavailable" and "Retry-After" in headers
     assert stats(rig.idp).refresh_grants == before.refresh_grants + 1
     failed = await record(sc, cookie)
-    assert failed.refresh_token == rec.refresh_token and failed.failed_attempts == 1
+    assert failed.refresh_token == rec.refresh_token and failed.version == rec.version + 1
     assert await sessions(sc).store.attempt_mark(session_hash(cookie)) is not None
 
     set_idp(rig.idp, token_endpoint_delay=0.0)
-    assert failed.next_attempt_at is not None
-    await asyncio.sleep(max(0.0, failed.next_attempt_at + 0.02 - time.time()))
+    await asyncio.sleep(0.55)  # the IdP breaker's next probe: this session's next grant
     status, body, _ = await rig.get(sc, cookie)
     assert status == 401 and body["error"] == "unauthenticated"
     assert not await stored(sc, cookie)

@@ -52,7 +52,7 @@ from tests.support.storm import (
 from tests.support.upstreams import VerifyingUpstream
 
 ACCESS_TTL = chaos.ACCESS_TTL  # the `idp` fixture's token lifetime: the chaos timeline's
-BACKOFF_1 = 1.05  # seconds: the backoff after a first failure is 0.5-1 s (jitter)
+BACKOFF_1 = 1.05  # seconds: the IdP breaker's next probe after a failure (probe_interval 1 s)
 
 
 class EventLog:
@@ -135,9 +135,10 @@ async def test_garbage_token_answer_is_transient(
     start_replicas: StartReplicas,
     redis_prefix: str,
 ) -> None:
-    """An unparsable 200 from /token: one call, backoff, failure published, session kept.
+    """An unparsable 200 from /token: one call, the IdP breaker opens, failure published,
+    session kept; the waiters on the other replica send no grant of their own.
 
-    An HTML page (no grant spent) leaves a session that refreshes after the backoff; a
+    An HTML page (no grant spent) leaves a session that refreshes at the next probe; a
     truncated JSON answer to an expired session gives 503 + Retry-After, and the rotation it
     hid ends the session cleanly (401) at the next attempt.
 
@@ -157,7 +158,7 @@ async def test_garbage_token_answer_is_transient(
         first = await storm._one(http, ta[0])
         assert first.status == 200 and first.ok
         old = first.token
-        # Due (2.7 s left); the calls during the backoff come about 1.5 s before the sidecar's
+        # Due (2.7 s left); the calls before the next probe come about 1.5 s before the sidecar's
         # margin before exp.
         await asyncio.sleep(max(0.0, alice_exp - ACCESS_TTL + DUE_AFTER - time.time()))
 
@@ -168,12 +169,12 @@ async def test_garbage_token_answer_is_transient(
         t = storm.now()
         html = await burst(storm, http, ta, 10)
         longest = max(r.ended for r in html) - t
-        during = await burst(storm, http, ta, 2)  # inside the backoff
+        during = await burst(storm, http, ta, 2)  # before the next probe
         s1 = idp_stats(idp)
         kinds = await events.kinds(1)
         print(
             f"[garbage html] {dict(statuses(html))} longest {longest:.2f}s (IdP {GARBAGE_DELAY}s)"
-            f"; during the backoff {dict(statuses(during))}; token_requests "
+            f"; before the next probe {dict(statuses(during))}; token_requests "
             f"+{delta(s1, s0, 'token_requests')} grants +{delta(s1, s0, 'refresh_grants')}; "
             f"events {kinds}"
         )
@@ -184,7 +185,7 @@ async def test_garbage_token_answer_is_transient(
         assert kinds == [b"failed"]  # the waiters on the other replica were told
         assert longest < GARBAGE_DELAY + 1.0, "waiters did not stop at the published failure"
 
-        # The session was kept: after the backoff it refreshes.
+        # The session was kept: at the next probe it refreshes.
         set_delay(idp, 0.0)
         await asyncio.sleep(BACKOFF_1)
         after = await storm._one(http, ta[1])
@@ -201,12 +202,12 @@ async def test_garbage_token_answer_is_transient(
         t = storm.now()
         cut = await burst(storm, http, tb, 10)
         longest = max(r.ended for r in cut) - t
-        status, retry_after, text = await answer(http, b.base, bob)  # inside the backoff
+        status, retry_after, text = await answer(http, b.base, bob)  # before the next probe
         s3 = idp_stats(idp)
         kinds = await events.kinds(3)
         print(
             f"[garbage truncated] expired token: {dict(statuses(cut))} Retry-After "
-            f"{sorted({r.retry_after for r in cut})} longest {longest:.2f}s; during the backoff "
+            f"{sorted({r.retry_after for r in cut})} longest {longest:.2f}s; before the next probe "
             f"{status}; token_requests +{delta(s3, s2, 'token_requests')} "
             f"grants +{delta(s3, s2, 'refresh_grants')}; events {kinds}"
         )

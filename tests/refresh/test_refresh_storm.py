@@ -148,7 +148,7 @@ async def test_idp_outage_then_recovery(idp: ThreadedIdP, start_replicas: StartR
         await asyncio.sleep(ACCESS_TTL + 0.5)
         set_token_failures(idp, 0)
         outage["end"] = storm.now()
-        # Backoff after 3-4 failures may postpone the next attempt by up to ~7 s; then a tail.
+        # Each replica's IdP breaker probes once per probe_interval (1 s); then a tail.
         deadline = storm.now() + 10.0
         while storm.now() < deadline:
             back = [r for r in storm.results if r.started > outage["end"] and r.status == 200]
@@ -187,8 +187,8 @@ async def test_idp_outage_then_recovery(idp: ThreadedIdP, start_replicas: StartR
         "while the token was still valid, calls should have been forwarded"
     )
     assert "back" in outage, "the session never recovered after the IdP came back"
-    # Requests sent within a few ms of the first 200 may reach a replica just before
-    # next_attempt_at and get 503 + Retry-After: correct, and not "after the recovery".
+    # Requests sent within a few ms of the first 200 may reach a replica whose breaker is
+    # still open and get 503 + Retry-After: correct, and not "after the recovery".
     tail = [r for r in storm.results if r.started >= outage["back"] + 0.1]
     assert tail and all(r.status == 200 for r in tail), statuses(tail)
     assert after["reuse_detected"] == before["reuse_detected"]

@@ -30,6 +30,8 @@ __all__ = [
     "E2E_DIR",
     "ProviderHandle",
     "set_outage",
+    "set_refresh_grace",
+    "set_slow_token_answers",
     "start_provider",
 ]
 
@@ -150,3 +152,21 @@ def set_outage(provider: ProviderHandle, mode: str) -> None:
     url = f"{provider.issuer}/__test/outage?mode={mode}"
     with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
         assert r.status == 200
+
+
+def _post_seconds(provider: ProviderHandle, hook: str, seconds: float) -> None:
+    url = f"{provider.issuer}/__test/{hook}?seconds={seconds}"
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
+        assert r.status == 200
+
+
+def set_slow_token_answers(provider: ProviderHandle, seconds: float) -> None:
+    """The provider's test hook: each token request is processed at once (a refresh grant
+    rotates) and answered `seconds` later; 0 ends it."""
+    _post_seconds(provider, "slow", seconds)
+
+
+def set_refresh_grace(provider: ProviderHandle, seconds: float) -> None:
+    """The provider's test hook: a rotated refresh token is accepted again for `seconds`
+    after its first use, as IdPs with a grace window do; 0 ends it."""
+    _post_seconds(provider, "refresh-grace", seconds)
