@@ -307,11 +307,12 @@ class RedisSessionStore:
             await self._redis.ping()
 
     async def eviction_risk(self) -> str | None:
+        if self._policy_unreadable:
+            return None  # asked once: a refusal lands in Redis' ACL LOG each time
         policies = await maxmemory_policies(self._redis)
         if policies is None:
-            if not self._policy_unreadable:
-                log.info("redis maxmemory-policy not readable (CONFIG not permitted); not checked")
-                self._policy_unreadable = True
+            log.info("redis maxmemory-policy not readable (CONFIG not permitted); not checked")
+            self._policy_unreadable = True
             return None
         return eviction_risk(policies)
 
