@@ -129,12 +129,12 @@ class IdPBreaker:
     def learn(self, before: SessionRecord, after: SessionRecord) -> None:
         """What another process's grant for the same session, waited for, tells about the IdP.
 
-        New tokens: it answered. Same tokens in a new version without a new backoff: only a
-        transient failure writes that (`Refresher._failed`).
+        New tokens: it answered. Same tokens in a new version with the same count of the
+        session's own failures: only a transient failure writes that (`Refresher._failed`).
         """
         if after.access_token != before.access_token:
             self.succeeded()
-        elif after.version != before.version and after.next_attempt_at == before.next_attempt_at:
+        elif after.version != before.version and after.failed_attempts == before.failed_attempts:
             self.failed("another process's refresh grant failed")
 
     def retry_after(self) -> int:

@@ -590,13 +590,20 @@ class Refresher:
     ) -> tuple[Session, Outcome]:
         """Step 6, ambiguous failure: tell waiters, keep the session.
 
-        Only a failure of this session alone (`rejected`) backs it off. A transient one is the
-        IdP's, and has opened the breaker instead: the record just gets a new version, which
-        tells waiters on other processes that the grant failed (`IdPBreaker.learn`).
+        Only a failure of this session alone (`rejected`) backs it off, exponentially. A
+        transient one is the IdP's and has opened this process's breaker; the session is held
+        for one `probe_interval` on every process, whose breakers may still be closed: its
+        grant may have rotated the refresh token, and a second one at once would be the
+        breaker's probe repeated per replica (docs/refresh.md, "IdP circuit breaker").
+        `failed_attempts` is left alone, which tells waiters elsewhere it was transient
+        (`IdPBreaker.learn`).
         """
         record = session.record
         if outcome is Outcome.TRANSIENT:
-            failed = record.evolve(version=record.version + 1)
+            failed = record.evolve(
+                version=record.version + 1,
+                next_attempt_at=self._clock() + self._config.probe_interval,
+            )
         else:
             failures = record.failed_attempts + 1
             timing = self._timing

@@ -65,7 +65,9 @@ class Clock:
         return self.now
 
 
-def record(version: int, token: str, next_attempt_at: float | None = None) -> SessionRecord:
+def record(
+    version: int, token: str, next_attempt_at: float | None = None, failed_attempts: int = 0
+) -> SessionRecord:
     return SessionRecord(
         issuer="https://idp.example",
         subject="alice",
@@ -81,6 +83,7 @@ def record(version: int, token: str, next_attempt_at: float | None = None) -> Se
         expires_at=0.0,
         version=version,
         next_attempt_at=next_attempt_at,
+        failed_attempts=failed_attempts,
     )
 
 
@@ -183,15 +186,17 @@ class TestBreakerAlone:
         assert breaker.retry_after() == expected
 
     def test_learns_from_another_process_grant(self) -> None:
-        """A waiter's view of the holder's grant: a new version with the same token and no new
-        backoff is a transient failure; a new token is a success; a backoff is neither."""
+        """A waiter's view of the holder's grant: a new version with the same token and the
+        same count of the session's own failures is a transient failure (held for one probe
+        interval); a new token is a success; a counted failure (rejected) is neither."""
         metrics = Metrics()
         breaker = IdPBreaker(PROBE_INTERVAL, 10.0, metrics, Clock())
         before = record(3, "t1")
-        breaker.learn(before, record(4, "t1", next_attempt_at=200.0))  # rejected: per session
+        rejected = record(4, "t1", next_attempt_at=200.0, failed_attempts=1)
+        breaker.learn(before, rejected)  # the session's own failure, backed off alone
         breaker.learn(before, before)  # the lock went, nothing written (a dead holder)
         assert not breaker.is_open
-        breaker.learn(before, record(4, "t1"))
+        breaker.learn(before, record(4, "t1", next_attempt_at=1.0))
         assert breaker.is_open
         breaker.learn(before, record(4, "t2"))
         assert not breaker.is_open
@@ -352,7 +357,9 @@ async def test_each_transient_kind_opens_the_breaker(
     assert rig.metric("sidecar_idp_breaker_open") == 1
     assert rig.metric("sidecar_idp_breaker_transitions_total", state="open") == 1
     failed = await rig.record(first)
-    assert failed.next_attempt_at is None and failed.failed_attempts == 0
+    # Not backed off: held one probe interval, for the other processes' closed breakers.
+    assert failed.failed_attempts == 0 and failed.next_attempt_at is not None
+    assert failed.next_attempt_at <= time.time() + PROBE_INTERVAL
     assert failed.version == before.version + 1
 
     # Open: another due session uses its token without a grant until the next probe.

@@ -390,8 +390,10 @@ async def test_transient_failure_opens_breaker_then_recovery(rig: Rig, store_kin
     assert await rig.token(sc, cookie) == rec.access_token
     failed_at = time.monotonic()
     failed = await record(sc, cookie)
-    # The breaker opened; the record only got a new version (no per-session backoff).
-    assert failed.failed_attempts == 0 and failed.next_attempt_at is None
+    # The breaker opened; no per-session backoff, only a hold of one probe interval that
+    # keeps other processes (their breakers closed) from granting at once.
+    assert failed.failed_attempts == 0 and failed.next_attempt_at is not None
+    assert failed.next_attempt_at <= time.time() + 1.0  # probe_interval's default
     assert failed.version == rec.version + 1
     assert failed.access_token == rec.access_token and failed.refresh_token == rec.refresh_token
     assert stats(rig.idp).token_requests == before.token_requests + 1  # never retried
