@@ -198,7 +198,7 @@ class Refresher:
         probe (which may close the breaker), else 503.
         """
         record = session.record
-        if record.access_expires_at - self._clock() > _margin(record):
+        if self._still_valid(record):
             return self._breaker.admit(session.h)
         admitted = await self._breaker.admit_after_probe(session.h)
         if admitted is None:
@@ -209,7 +209,7 @@ class Refresher:
         """The breaker is open: the current token while still valid, else 503 with a
         Retry-After of at most `probe_interval`."""
         record = session.record
-        if record.access_expires_at - self._clock() > _margin(record):
+        if self._still_valid(record):
             return session
         retry_after = self._breaker.retry_after()
         raise RefreshUnavailable("token expired; the IdP is unavailable", retry_after=retry_after)
@@ -242,7 +242,7 @@ class Refresher:
         """The IdP is slow: use the current token while valid, else 503 (docs/architecture.md,
         "Failure policy")."""
         record = session.record
-        if record.access_expires_at - self._clock() > _margin(record):
+        if self._still_valid(record):
             return session
         raise RefreshUnavailable("token expired; the IdP has not answered yet", retry_after=1)
 
@@ -251,6 +251,10 @@ class Refresher:
             del self._inflight[h]
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone away meanwhile
+
+    def _still_valid(self, record: SessionRecord) -> bool:
+        """Whether the access token may still be forwarded (`_margin` before it expires)."""
+        return record.access_expires_at - self._clock() > _margin(record)
 
     def _usable(self, record: SessionRecord) -> bool | None:
         """True: use as is. False: cannot be used now. None: a refresh should be tried."""
@@ -489,8 +493,7 @@ class Refresher:
         """
         retried = False
         while True:
-            if not await self._holds(session.h, lease):
-                self._lost(session.h)
+            await self._ensure_held(session.h, lease)
             try:
                 if await self._sessions.save(session, updated):
                     return True
@@ -566,9 +569,12 @@ class Refresher:
             lease.valid_until = asked + ttl
         return extended
 
-    def _lost(self, h: str) -> NoReturn:
-        """Another replica may hold the lock now and send its own grant: whatever our grant
-        got is not written, not even a failure (the invariant's one hole, docs/refresh.md)."""
+    async def _ensure_held(self, h: str, lease: _Lease) -> None:
+        """Go on only while our lease surely holds. Otherwise another replica may hold the
+        lock now and send its own grant: whatever our grant got is not written, not even a
+        failure (the invariant's one hole, docs/refresh.md)."""
+        if await self._holds(h, lease):
+            return
         log.error("refresh lock lost; the grant's answer is not stored", extra={"session": h[:12]})
         raise _LeaseLost("the refresh lock was lost; try again", retry_after=1)
 
@@ -578,11 +584,9 @@ class Refresher:
             with self._breaker.watching():  # its answer, or none, moves the IdP breaker
                 tokens = await self._oidc.refresh(refresh_token)
         except SidecarError:
-            if not await self._holds(h, lease):
-                self._lost(h)
+            await self._ensure_held(h, lease)
             raise
-        if not await self._holds(h, lease):
-            self._lost(h)
+        await self._ensure_held(h, lease)
         return tokens
 
     async def _failed(
@@ -625,6 +629,6 @@ class Refresher:
         updated = session.with_record(failed)
         if outcome is Outcome.TRANSIENT:
             return self._while_open(updated), outcome
-        if record.access_expires_at - self._clock() > _margin(record):
+        if self._still_valid(record):
             return updated, outcome
         self._unavailable(failed)
