@@ -17,7 +17,6 @@ none lost.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import random
 import re
@@ -32,7 +31,7 @@ import aiohttp
 import pytest
 
 from tests.support.browse import browse
-from tests.support.configs import config_dict
+from tests.support.configs import config_dict, replica_configs
 from tests.support.login import JSON, browser, session_cookie
 from tests.support.ports import free_port
 from tests.support.provider import ProviderHandle, set_outage
@@ -68,13 +67,7 @@ async def start_cluster(oidc_provider: Any, sidecar_process: Any, upstream_app: 
     data["session"] = {**data["session"], "store": "redis"}
     data["redis"] = {"url": REDIS_URL, "key_prefix": f"breaker{free_port()}"}
     data["refresh"] = REFRESH
-    replicas = []
-    for i in range(REPLICAS):
-        config = copy.deepcopy(data)
-        if i:
-            config["server"]["listen"] = f"127.0.0.1:{free_port()}"
-            config["management"]["listen"] = f"127.0.0.1:{free_port()}"
-        replicas.append(sidecar_process(config))
+    replicas = [sidecar_process(config) for config in replica_configs(data, REPLICAS)]
     return Cluster(provider, replicas, public_url)
 
 

@@ -17,7 +17,6 @@ as behind a balancer.
 from __future__ import annotations
 
 import asyncio
-import copy
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,9 +31,8 @@ from aiohttp import WSMsgType, web
 
 from sidecar.session.record import session_hash
 from tests.support.browse import HTML, browse
-from tests.support.configs import config_dict
+from tests.support.configs import config_dict, replica_configs
 from tests.support.login import JSON, NAVIGATE, browser, session_cookie
-from tests.support.ports import free_port
 from tests.support.provider import ProviderHandle
 from tests.support.sidecars import SidecarProcess
 from tests.support.stores import REDIS_URL
@@ -137,13 +135,7 @@ async def start_cluster(
     data["session"] = {**data["session"], "store": "redis"}
     data["redis"] = {"url": REDIS_URL, "key_prefix": redis_prefix}
     data["admin"] = {"tokens": [ADMIN_TOKEN]}
-    replicas = []
-    for i in range(REPLICAS):
-        config = copy.deepcopy(data)
-        if i:
-            config["server"]["listen"] = f"127.0.0.1:{free_port()}"
-            config["management"]["listen"] = f"127.0.0.1:{free_port()}"
-        replicas.append(sidecar_process(config))
+    replicas = [sidecar_process(config) for config in replica_configs(data, REPLICAS)]
     cluster = Cluster(provider, replicas, upstream, public_url)
     await until_caching(cluster)
     return cluster

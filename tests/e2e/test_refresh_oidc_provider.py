@@ -19,7 +19,6 @@ lease"), with and without an IdP grace window for the previous refresh token.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import re
@@ -36,9 +35,8 @@ import aiohttp
 import pytest
 
 from tests.support.browse import browse
-from tests.support.configs import config_dict
+from tests.support.configs import config_dict, replica_configs
 from tests.support.login import JSON, browser, session_cookie
-from tests.support.ports import free_port
 from tests.support.provider import (
     ProviderHandle,
     set_outage,
@@ -85,13 +83,7 @@ async def start_cluster(
     data["session"] = {**data["session"], "store": "redis"}
     data["redis"] = {"url": REDIS_URL, "key_prefix": redis_prefix}
     data["refresh"] = refresh
-    procs = []
-    for i in range(replicas):
-        config = copy.deepcopy(data)
-        if i:
-            config["server"]["listen"] = f"127.0.0.1:{free_port()}"
-            config["management"]["listen"] = f"127.0.0.1:{free_port()}"
-        procs.append(sidecar_process(config))
+    procs = [sidecar_process(config) for config in replica_configs(data, replicas)]
     return Cluster(provider, procs, upstream, public_url, redis_prefix)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from sidecar.config import Config
@@ -14,6 +15,7 @@ __all__ = [
     "config_dict",
     "fixed_config",
     "make_config",
+    "replica_configs",
     "upstream_config",
 ]
 
@@ -47,6 +49,19 @@ def config_dict(
     }
     data.update(sections)
     return data
+
+
+def replica_configs(data: dict[str, Any], replicas: int) -> list[dict[str, Any]]:
+    """`replicas` copies of one replica's configuration: the first listens where `data` says
+    (its public URL), each other on listeners of its own, all else shared."""
+    configs = []
+    for i in range(replicas):
+        config = copy.deepcopy(data)
+        if i:
+            config["server"]["listen"] = f"127.0.0.1:{free_port()}"
+            config["management"]["listen"] = f"127.0.0.1:{free_port()}"
+        configs.append(config)
+    return configs
 
 
 def make_config(
